@@ -1,0 +1,32 @@
+# Two entry points, both idempotent on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test deps dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so that nothing else can pull a CUDA build.
+$(VENV)/.deps: pyproject.toml constraints.txt | $(PY)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.deps
+	$(PIP) -e '.[dev]'
+	touch $@
+
+deps: $(VENV)/.deps
+dev: $(VENV)/.dev
+
+demo: deps
+	$(VENV)/bin/mechscope demo
+
+test: dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,193 @@
+"""The adapter protocol: what mechscope needs to know about one model family's module layout.
+
+An adapter never runs the model. It names the Hugging Face modules where each TransformerLens hook
+site lives and the lens that reads the activation there (see `models/lens.py`); everything else
+(hooking, caching, patching) is generic. To support a new family, copy `llama.py`, change the
+paths, and register it in `adapters/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mechscope.models.lens import IN, OUT, Lens
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the wrapped model, in TransformerLens vocabulary."""
+
+    model_name: str
+    architecture: str  # the Hugging Face class, e.g. "LlamaForCausalLM"
+    family: str  # the adapter that wraps it: "gpt2", "neox", "llama", "gemma3"
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # < n_heads for grouped-query attention
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int
+    parallel_residual: bool  # attention and MLP both read resid_pre (GPT-NeoX); no resid_mid then
+
+
+@dataclass(frozen=True)
+class Place:
+    """A module (path relative to one decoder layer, or to the whole model) and a lens into it."""
+
+    path: str
+    lens: Lens = OUT
+    on_input: bool = False
+
+
+def at_input(path: str, lens: Lens | None = None) -> Place:
+    return Place(path, IN if lens is None else IN >> lens, on_input=True)
+
+
+class Adapter:
+    """Module layout of one family. Subclasses set the class attributes and `qkv`."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values
+    norm_kind: ClassVar[str]  # "layernorm" | "rmsnorm" | "rmsnorm_plus_one" (Gemma's (1 + w))
+
+    # Paths relative to the Hugging Face model.
+    embed: ClassVar[str]
+    pos_embed: ClassVar[str | None] = None
+    layers: ClassVar[str]
+    final_norm: ClassVar[str]
+    # Paths relative to one decoder layer.
+    attn: ClassVar[str]
+    out_proj: ClassVar[str]  # attention output projection; its input is hook_z
+    down_proj: ClassVar[str]  # MLP output projection; its input is mlp.hook_post
+    mlp_norm: ClassVar[str | None]  # the norm before the MLP; its input is resid_mid
+    attn_post_norm: ClassVar[str | None] = None  # Gemma's norm between attention and the add
+    attn_out: ClassVar[Place]  # what attention adds to the residual stream
+    mlp_out: ClassVar[Place]  # what the MLP adds to the residual stream
+
+    def __init__(self, hf_model: nn.Module):
+        self.hf = hf_model
+        self.cfg = self._config()
+
+    # ---- per family -------------------------------------------------------------------------
+    def qkv(self) -> dict[str, Place]:
+        """Places of `q`, `k`, `v` as [batch, pos, head, d_head] (k, v per key/value head)."""
+        raise NotImplementedError
+
+    def parallel_residual(self) -> bool:
+        return False
+
+    # ---- modules ----------------------------------------------------------------------------
+    def module(self, path: str, layer: int | None = None) -> nn.Module:
+        root = self.hf if layer is None else self.layer_modules()[layer]
+        return root.get_submodule(path)
+
+    def layer_modules(self) -> nn.ModuleList:
+        return self.hf.get_submodule(self.layers)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def W_O(self, layer: int) -> torch.Tensor:
+        """Output projection per head, [head, d_head, d_model]."""
+        proj = self.module(self.out_proj, layer)
+        weight = proj.weight if _is_conv1d(proj) else proj.weight.T  # [head * d_head, d_model]
+        return weight.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    def b_O(self, layer: int) -> torch.Tensor | None:
+        return self.module(self.out_proj, layer).bias
+
+    @property
+    def unembed(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding, [d_model, d_vocab]."""
+        return self.unembed.weight.T
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        return getattr(self.unembed, "bias", None)
+
+    # ---- per-head attention output in the residual stream -----------------------------------
+    def head_results(
+        self, layer: int, z: torch.Tensor, proj_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Each head's write to the residual stream, [batch, pos, head, d_model].
+
+        `z` is the output projection's input, [batch, pos, head * d_head] or [..., head, d_head].
+        Without a post-attention norm, the heads plus `b_O` sum to `hook_attn_out`. With one
+        (Gemma 3), each head's share is scaled by that norm's scale, computed from the summed
+        projection `proj_out` (or from the heads' own sum when not given), so the heads alone sum
+        to `hook_attn_out` (the norm is linear once its scale is fixed).
+        """
+        z = z.reshape(*z.shape[:2], self.cfg.n_heads, self.cfg.d_head)  # [batch, pos, head, d_head]
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))  # [batch, pos, head, d_model]
+        if self.attn_post_norm is None:
+            return result
+        norm = self.module(self.attn_post_norm, layer)
+        x = result.sum(2) if proj_out is None else proj_out  # [batch, pos, d_model]
+        scale = norm_scale(self.norm_kind, norm, x)  # [batch, pos, 1]
+        weight = norm_weight(self.norm_kind, norm)  # [d_model]
+        return (result.float() / scale[:, :, None] * weight.float()).to(result.dtype)
+
+    def attn_out_from_results(self, layer: int, result: torch.Tensor) -> torch.Tensor:
+        """What attention adds to the residual stream given each head's result, [batch, pos, d_model]."""
+        out = result.sum(2)
+        bias = None if self.attn_post_norm is not None else self.b_O(layer)
+        return out if bias is None else out + bias
+
+    # ---- config -----------------------------------------------------------------------------
+    def _config(self) -> ModelConfig:
+        c = self.hf.config
+        n_heads = c.num_attention_heads
+        d_model = c.hidden_size
+        d_mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
+        return ModelConfig(
+            model_name=getattr(c, "name_or_path", "") or type(self.hf).__name__,
+            architecture=type(self.hf).__name__,
+            family=self.family,
+            n_layers=c.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+            d_head=getattr(c, "head_dim", None) or d_model // n_heads,
+            d_model=d_model,
+            d_mlp=d_mlp,
+            d_vocab=self.unembed.weight.shape[0],
+            n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 0),
+            parallel_residual=self.parallel_residual(),
+        )
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2 stores weights as [in, out]
+
+
+# ---- norms: the math of each kind, for reading and writing `ln_final.hook_scale` ---------------
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "eps", None)
+    return eps if eps is not None else norm.variance_epsilon
+
+
+def norm_scale(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The divisor a norm applies, [batch, pos, 1] (TransformerLens's `hook_scale`)."""
+    if kind == "layernorm":
+        return (x.var(-1, keepdim=True, unbiased=False) + _eps(norm)).sqrt()
+    return (x.float().pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
+
+
+def norm_weight(kind: str, norm: nn.Module) -> torch.Tensor:
+    """The multiplier a norm applies after dividing by its scale, [d_model]."""
+    return 1.0 + norm.weight.float() if kind == "rmsnorm_plus_one" else norm.weight
+
+
+def norm_apply(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The norm's output with a given scale, written the way the family's module computes it."""
+    if kind == "layernorm":
+        return (x - x.mean(-1, keepdim=True)) / scale * norm.weight + norm.bias
+    if kind == "rmsnorm":
+        return norm.weight * (x.float() / scale).to(x.dtype)
+    return (x.float() / scale * norm_weight(kind, norm)).to(x.dtype)

@@ -1,0 +1,215 @@
+"""HookedModel: a Hugging Face causal LM with every activation reachable by TransformerLens names.
+
+The model is never reimplemented: a forward is the Hugging Face forward, and hooks are PyTorch
+hooks placed only for the duration of a `hooks()` context (removed in `finally`, always).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from mechscope.errors import InputError
+from mechscope.models.adapters import adapter_for
+from mechscope.models.adapters.base import ModelConfig
+from mechscope.models.sites import (
+    Attachment,
+    AttentionSwitch,
+    HookFn,
+    HookPoint,
+    build_sites,
+    unknown_name_error,
+)
+
+Hooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
+NamesFilter = str | Iterable[str] | Callable[[str], bool] | None
+
+
+class HookedModel:
+    """A wrapped causal LM. `model(tokens)` returns logits [batch, pos, d_vocab].
+
+    Prompts of different lengths are padded on the right: every real token then sees exactly the
+    tokens it would see alone (causal attention never looks right), so no attention mask is needed
+    and every activation at a real position is the unpadded one. `last_positions` tells where each
+    prompt ends.
+    """
+
+    def __init__(self, hf_model: nn.Module, tokenizer=None):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.adapter = adapter_for(hf_model)
+        self.cfg: ModelConfig = self.adapter.cfg
+        self._switch = AttentionSwitch(hf_model)
+        self._sites = build_sites(self.adapter, self._switch)
+        self.hook_names: list[str] = list(self._sites)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedModel({c.model_name!r}, {c.architecture}, {c.n_layers} layers, "
+            f"{c.n_heads} heads ({c.n_kv_heads} kv), d_model={c.d_model})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.module(self.adapter.embed).weight.device
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.adapter.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab"] | None:
+        return self.adapter.b_U
+
+    # ---- forward ----------------------------------------------------------------------------
+    def __call__(
+        self, tokens: Int[Tensor, "batch pos"] | str | list[str], *, attention_mask: Tensor | None = None
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        tokens = self._as_tokens(tokens)
+        out = self.hf(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+    forward = __call__
+
+    def _as_tokens(self, tokens) -> Tensor:
+        if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or isinstance(tokens[0], str)):
+            tokens = self.to_tokens(tokens)
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"tokens must be integer ids [batch, pos]; got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
+            bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)].unique()[:5].tolist()
+            raise InputError(
+                f"token ids {bad} are outside the vocabulary of {self.cfg.model_name} "
+                f"(valid ids are 0 .. {self.cfg.d_vocab - 1}); use model.to_tokens(text) to encode text"
+            )
+        return tokens.to(self.device)
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def _resolve(self, name: str | Callable[[str], bool]) -> list[str]:
+        if callable(name):
+            return [n for n in self.hook_names if name(n)]
+        if name not in self._sites:
+            raise unknown_name_error(name, self.hook_names)
+        return [name]
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Hooks = (), bwd_hooks: Hooks = ()) -> Iterator["HookedModel"]:
+        """Attach hooks for the duration of the block. Names are checked before anything is attached;
+        everything attached is removed when the block ends, by an exception or not."""
+        plan = [
+            (site_name, fn, backward)
+            for hooks, backward in ((fwd_hooks, False), (bwd_hooks, True))
+            for name, fn in hooks
+            for site_name in self._resolve(name)
+        ]
+        attached: list[Attachment] = []
+        try:
+            for site_name, fn, backward in plan:
+                site, layer = self._sites[site_name]
+                att = Attachment()
+                attached.append(att)
+                site.attach(fn, HookPoint(site_name, layer), backward, att)
+            yield self
+        finally:
+            for att in reversed(attached):
+                att.remove()
+
+    def run_with_hooks(
+        self,
+        tokens,
+        *,
+        fwd_hooks: Hooks = (),
+        bwd_hooks: Hooks = (),
+        attention_mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """One forward with hooks attached. With `bwd_hooks`, call `.backward()` on something computed
+        from the returned logits: backward hooks stay armed on this forward's tensors until then, and
+        fire only for that graph."""
+        with self.hooks(fwd_hooks, bwd_hooks):
+            return self(tokens, attention_mask=attention_mask)
+
+    def run_with_cache(
+        self,
+        tokens,
+        *,
+        names_filter: NamesFilter = None,
+        attention_mask: Tensor | None = None,
+        device: str | torch.device | None = None,
+    ):
+        """Forward once (in the caller's grad mode), returning (logits, ActivationCache of the
+        selected sites, detached).
+
+        With no filter every site is cached except `attn.hook_result` (per head [batch, pos, head,
+        d_model], large): name it, or use `cache.stack_head_results()`, which computes it from z.
+        """
+        from mechscope.cache import ActivationCache
+
+        names = self._select(names_filter)
+        store: dict[str, Tensor] = {}
+
+        def keep(act: Tensor, hook: HookPoint) -> None:
+            store[hook.name] = act.detach().to(device) if device is not None else act.detach()
+
+        logits = self.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in names], attention_mask=attention_mask)
+        return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
+
+    def _select(self, names_filter: NamesFilter) -> list[str]:
+        if names_filter is None:
+            return [n for n in self.hook_names if not n.endswith("attn.hook_result")]
+        if isinstance(names_filter, str):
+            return self._resolve(names_filter)
+        if callable(names_filter):
+            return self._resolve(names_filter)
+        return [n for name in names_filter for n in self._resolve(name)]
+
+    # ---- tokens -----------------------------------------------------------------------------
+    def _encode(self, text: str | list[str], prepend_bos: bool | None) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer; pass token ids instead of text")
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = self.tokenizer(texts, add_special_tokens=True if prepend_bos is None else False)["input_ids"]
+        if prepend_bos and self.tokenizer.bos_token_id is not None:
+            ids = [[self.tokenizer.bos_token_id, *row] for row in ids]
+        return ids
+
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
+        """Token ids, right-padded. `prepend_bos=None` keeps the tokenizer's own default (faithful
+        to plain `transformers`); True forces a BOS token, False drops special tokens."""
+        ids = self._encode(text, prepend_bos)
+        width = max(len(row) for row in ids)
+        pad = self.pad_token_id
+        return torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
+
+    def last_positions(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Int[Tensor, " batch"]:
+        """Each prompt's last real position in `to_tokens(text)`."""
+        return torch.tensor([len(row) - 1 for row in self._encode(text, prepend_bos)], device=self.device)
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def to_str_tokens(self, text: str | Tensor | list[int], *, prepend_bos: bool | None = None) -> list[str]:
+        """The tokens of one prompt (or one row of ids) as strings."""
+        if isinstance(text, str):
+            ids = self._encode(text, prepend_bos)[0]
+        else:
+            ids = torch.as_tensor(text).flatten().tolist()
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def to_single_token(self, text: str) -> int:
+        ids = self._encode(text, prepend_bos=False)[0]
+        if len(ids) != 1:
+            raise InputError(f"{text!r} is {len(ids)} tokens {self.to_str_tokens(ids)}; a single token is needed")
+        return ids[0]

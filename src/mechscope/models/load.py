@@ -1,0 +1,120 @@
+"""load_model: a zoo alias, a local Hugging Face directory, a .gguf file or a hub id -> HookedModel."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from mechscope.errors import ModelLoadError
+from mechscope.models import zoo
+from mechscope.models.hooked import HookedModel
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> HookedModel:
+    """Load and wrap a causal LM.
+
+    spec: a zoo alias (`mechscope models list`: smollm2-135m, gemma3-270m, gpt2), a local Hugging
+    Face directory, a path to a .gguf file, or a hub id. `device="auto"` spreads the model over the
+    GPUs it finds (accelerate's device_map).
+    """
+    kwargs = {"dtype": _dtype(dtype)}
+    if str(device) == "auto":
+        kwargs["device_map"] = "auto"
+    spec = str(spec)
+    if spec in zoo.ZOO:
+        model = zoo.ZOO[spec]
+        if model.hub_id is None:
+            path = zoo.fetch(spec, progress=progress, verify=False)
+            return _wrap(_load(str(path), {}, kwargs), device, name=spec)
+        spec = model.hub_id
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"no GGUF file at {path}")
+        hf, tok = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
+        zoo.drop_gguf_quantizer(hf)
+        return _wrap((hf, tok), device, name=path.name)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model directory (it has no config.json)")
+        return _wrap(_load(str(path), {}, kwargs), device, name=spec)
+    return _wrap(_load_from_hub(spec, kwargs), device, name=spec)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _load(source: str, where: dict, kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, **where, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        if where.get("local_files_only"):
+            raise
+        hint = ""
+        if Path(source).is_dir() and "gguf_file" not in where:
+            hint = " If this is the zoo cache, `mechscope models fetch ALIAS --force` stores it again."
+        raise ModelLoadError(f"cannot load a causal LM from {source}: {err}.{hint}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **where)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer for %s (%s); pass token ids to the model", source, err)
+        tokenizer = None
+    return hf, tokenizer
+
+
+def _wrap(loaded, device, *, name: str) -> HookedModel:
+    hf, tokenizer = loaded
+    if str(device) != "auto":
+        hf = hf.to(device)
+    hf.config.name_or_path = name
+    return HookedModel(hf, tokenizer)
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the Hugging Face hub answers, and why not (a DNS failure answers in milliseconds)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False, "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as err:
+        return False, f"{host}: {err}"
+    return True, ""
+
+
+def _load_from_hub(hub_id: str, kwargs: dict):
+    try:  # a copy in the local Hugging Face cache needs no network
+        return _load(hub_id, {"local_files_only": True}, kwargs)
+    except (OSError, ValueError):
+        pass
+    ok, why = hub_reachable()
+    if not ok:
+        offline = ", ".join(a for a, m in zoo.ZOO.items() if m.hub_id is None)
+        raise ModelLoadError(
+            f"cannot load {hub_id!r}: it is not a zoo alias, a local directory or a .gguf file, it is "
+            f"not in the local Hugging Face cache, and the hub is unreachable ({why}). Models that "
+            f"work offline: {offline} (see `mechscope models list`)."
+        )
+    return _load(hub_id, {}, kwargs)

@@ -1,0 +1,292 @@
+"""Hook sites: every TransformerLens hook name of a wrapped model, and how to attach a hook to it.
+
+A hook function is `fn(activation, hook) -> activation | None`, as in TransformerLens: returning a
+tensor replaces the activation, returning None leaves the model's own computation untouched (so an
+inert hook changes no bit of the output). A backward hook gets the gradient of the activation and
+may return a replacement gradient.
+
+Most sites are one module and a lens (`ModuleSite`). Four need more than that:
+- `blocks.{l}.hook_resid_mid` lives between two modules (`ResidMidSite`);
+- `blocks.{l}.attn.hook_result` is computed from `hook_z` only when hooked (`ResultSite`);
+- `blocks.{l}.attn.hook_pattern` exists only in eager attention, which the model switches to while
+  a pattern is hooked (`PatternSite`);
+- `ln_final.hook_scale` is recomputed from the final norm's input (`ScaleSite`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mechscope.errors import HookNameError
+from mechscope.models.adapters.base import Adapter, Place, at_input, norm_apply, norm_scale
+from mechscope.models.lens import FIRST, IN, Lens, heads
+
+HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
+
+
+@dataclass
+class HookPoint:
+    """The second argument of a hook function (TransformerLens's `hook`)."""
+
+    name: str
+    layer: int | None = None
+    ctx: dict = field(default_factory=dict)
+
+
+class Attachment:
+    """One hook function attached to one site; `remove()` detaches it completely."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self._undo: list[Callable[[], Any]] = []
+
+    def on_remove(self, undo: Callable[[], Any]) -> None:
+        self._undo.append(undo)
+
+    def remove(self) -> None:
+        self.active = False  # tensors still alive may hold gradient hooks: they now do nothing
+        while self._undo:
+            self._undo.pop()()
+
+
+def _run(att: Attachment, fn: HookFn, point: HookPoint, act: torch.Tensor, backward: bool):
+    """Call a forward hook, or hang a backward hook on `act`. Returns the activation to write back,
+    or None when the model's own value stands."""
+    if backward:
+        if not (torch.is_grad_enabled() and act.requires_grad):
+            return None
+        act = act.view_as(act)  # a node of our own, through which the gradient flows
+        act.register_hook(lambda grad: fn(grad, point) if att.active else None)
+        return act
+    new = fn(act, point)
+    if new is None:
+        return None
+    if not isinstance(new, torch.Tensor) or new.shape != act.shape:
+        got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(
+            f"hook on {point.name!r} returned {got}; it must return None or a tensor of the "
+            f"activation's shape {tuple(act.shape)}"
+        )
+    return new.to(dtype=act.dtype, device=act.device)
+
+
+def _forward_hook(att: Attachment, module: nn.Module, hook: Callable) -> None:
+    att.on_remove(module.register_forward_hook(hook).remove)
+
+
+def _pre_hook(att: Attachment, module: nn.Module, hook: Callable) -> None:
+    att.on_remove(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """An activation read through a lens from one module's output (or input)."""
+
+    module: nn.Module
+    lens: Lens
+    on_input: bool = False
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        def apply(value):
+            new = _run(att, fn, point, self.lens.get(value), backward)
+            return None if new is None else self.lens.put(value, new)
+
+        if self.on_input:
+            _pre_hook(att, self.module, lambda m, args, kwargs: apply((args, kwargs)))
+        else:
+            _forward_hook(att, self.module, lambda m, args, out: apply(out))
+
+
+@dataclass(frozen=True)
+class ResidMidSite:
+    """resid_pre + attn_out. Read exactly; a written value reaches the MLP's norm exactly and the
+    residual stream as resid_pre + (value - resid_pre), i.e. to within one rounding."""
+
+    layer: nn.Module
+    attn_out: ModuleSite
+    mlp_norm: nn.Module
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        stash: dict[str, torch.Tensor] = {}
+
+        def grab_resid_pre(m, args, kwargs):
+            stash["pre"] = IN.get((args, kwargs))
+
+        def on_attn_out(m, args, out):
+            attn_out = self.attn_out.lens.get(out)  # [batch, pos, d_model]
+            pre = stash.pop("pre")
+            new = _run(att, fn, point, pre + attn_out, backward)
+            if new is None:
+                return None
+            stash["mid"] = new
+            return self.attn_out.lens.put(out, new - pre)
+
+        def into_mlp_norm(m, args, kwargs):
+            return IN.put((args, kwargs), stash.pop("mid")) if "mid" in stash else None
+
+        _pre_hook(att, self.layer, grab_resid_pre)
+        _forward_hook(att, self.attn_out.module, on_attn_out)
+        _pre_hook(att, self.mlp_norm, into_mlp_norm)
+
+
+@dataclass(frozen=True)
+class ResultSite:
+    """Per-head output in the residual stream, [batch, pos, head, d_model], from the output
+    projection's input. Written results replace the attention output by their sum (plus bias)."""
+
+    adapter: Adapter
+    layer: int
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        a, layer = self.adapter, self.layer
+        proj = a.module(a.out_proj, layer)
+
+        def write(result: torch.Tensor):
+            new = _run(att, fn, point, result, backward)
+            return None if new is None else a.attn_out_from_results(layer, new)
+
+        if a.attn_post_norm is None:
+            _forward_hook(att, proj, lambda m, args, out: write(a.head_results(layer, args[0])))
+            return
+        stash: dict[str, torch.Tensor] = {}
+
+        def grab_z(m, args, out):
+            stash["z"] = args[0]
+
+        def on_post_norm(m, args, out):
+            return write(a.head_results(layer, stash.pop("z"), proj_out=args[0]))
+
+        _forward_hook(att, proj, grab_z)
+        _forward_hook(att, a.module(a.attn_post_norm, layer), on_post_norm)
+
+
+PATTERN_IMPLEMENTATION = "mechscope_eager"
+
+
+def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
+    """The family's own eager attention, with `hook_pattern` hooks run on its weights.
+
+    query [batch, head, q_pos, d_head]; key, value [batch, kv_head, k_pos, d_head].
+    """
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise NotImplementedError(f"{type(module).__name__} has no eager attention to read patterns from")
+    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    for fn, point, backward, att in list(getattr(module, "_mechscope_pattern_hooks", ())):
+        new = _run(att, fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
+        if new is not None:
+            weights = new
+            v = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # [batch, head, k_pos, d_head]
+            out = torch.matmul(weights, v).transpose(1, 2).contiguous()  # [batch, q_pos, head, d_head]
+    return out, weights
+
+
+class AttentionSwitch:
+    """Switches a model to eager attention while any pattern hook is attached, and back after."""
+
+    def __init__(self, hf_model: nn.Module):
+        self.config = hf_model.config
+        self.count = 0
+        self.saved: str | None = None
+
+    def acquire(self) -> None:
+        if self.count == 0:
+            _register_pattern_attention()
+            self.saved = self.config._attn_implementation
+            self.config._attn_implementation = PATTERN_IMPLEMENTATION
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.config._attn_implementation = self.saved
+
+
+def _register_pattern_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    if PATTERN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PATTERN_IMPLEMENTATION, _pattern_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(PATTERN_IMPLEMENTATION, eager_mask)
+
+
+@dataclass(frozen=True)
+class PatternSite:
+    """Attention weights after softmax, [batch, head, q_pos, k_pos]."""
+
+    attn: nn.Module
+    switch: AttentionSwitch
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        hooks = self.attn.__dict__.setdefault("_mechscope_pattern_hooks", [])
+        entry = (fn, point, backward, att)
+        hooks.append(entry)
+        self.switch.acquire()
+        att.on_remove(self.switch.release)
+        att.on_remove(lambda: hooks.remove(entry))
+
+
+@dataclass(frozen=True)
+class ScaleSite:
+    """The final norm's divisor, [batch, pos, 1]; a written scale is applied in its place."""
+
+    norm: nn.Module
+    kind: str
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        def on_norm(m, args, out):
+            x = args[0]  # [batch, pos, d_model]
+            new = _run(att, fn, point, norm_scale(self.kind, self.norm, x), backward)
+            return None if new is None else norm_apply(self.kind, self.norm, x, new)
+
+        _forward_hook(att, self.norm, on_norm)
+
+
+LOGITS = Lens(get=lambda out: out.logits, put=lambda out, a: out.__setitem__("logits", a) or out)
+
+
+def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[Any, int | None]]:
+    """Every hook name of the model -> (site, layer)."""
+    a, cfg = adapter, adapter.cfg
+
+    def place(p: Place, layer: int | None = None) -> ModuleSite:
+        return ModuleSite(a.module(p.path, layer), p.lens, p.on_input)
+
+    sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed)), None)}
+    if a.pos_embed is not None:
+        sites["hook_pos_embed"] = (place(Place(a.pos_embed)), None)
+    for l, layer in enumerate(a.layer_modules()):
+        b = f"blocks.{l}."
+        attn_out = place(a.attn_out, l)
+        sites[b + "hook_resid_pre"] = (ModuleSite(layer, IN, on_input=True), l)
+        for name, qkv in a.qkv().items():
+            sites[b + f"attn.hook_{name}"] = (place(qkv, l), l)
+        sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), switch), l)
+        sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
+        sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
+        sites[b + "hook_attn_out"] = (attn_out, l)
+        if not cfg.parallel_residual:
+            sites[b + "hook_resid_mid"] = (ResidMidSite(layer, attn_out, a.module(a.mlp_norm, l)), l)
+        sites[b + "mlp.hook_post"] = (place(at_input(a.down_proj), l), l)
+        sites[b + "hook_mlp_out"] = (place(a.mlp_out, l), l)
+        sites[b + "hook_resid_post"] = (ModuleSite(layer, FIRST), l)
+    sites["ln_final.hook_scale"] = (ScaleSite(a.module(a.final_norm), a.norm_kind), None)
+    sites["hook_logits"] = (ModuleSite(a.hf, LOGITS), None)
+    return sites
+
+
+def unknown_name_error(name: str, names: list[str]) -> HookNameError:
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    examples = ", ".join(n for n in names if n.startswith("blocks.0.") or "." not in n)
+    return HookNameError(
+        f"unknown hook name {name!r}.{hint} This model's sites are {examples}, "
+        "and the same for every layer (blocks.{l}....)."
+    )

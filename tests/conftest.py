@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random models of every supported family, and the offline zoo models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from mechscope import HookedModel
+
+VOCAB = 300  # 256 bytes + specials, and some ids no text maps to
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte) that needs no download."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<bos>", "<eos>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def _configs() -> dict:
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64)
+    return {
+        "gpt2": GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=64, vocab_size=VOCAB),
+        "neox": GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              intermediate_size=128, use_parallel_residual=True, rotary_pct=0.5, **common),
+        "neox-seq": GPTNeoXConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=128, use_parallel_residual=False, **common),
+        "llama-gqa": LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=128, **common),
+        "qwen2": Qwen2Config(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=1, intermediate_size=128, **common),
+        "gemma3": Gemma3TextConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                   sliding_window=4, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   **common),
+    }
+
+
+FAMILIES = list(_configs())
+
+
+def tiny_hf(name: str, seed: int = 0):
+    """A random model of one family. Every parameter is perturbed, so norms are not identities and
+    biases are not zero: nothing in a test holds only because a weight is trivial."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_configs()[name])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def tiny_model(name: str, seed: int = 0) -> HookedModel:
+    return HookedModel(tiny_hf(name, seed), byte_tokenizer())
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family) -> HookedModel:
+    return tiny_model(family)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randint(0, 256, (2, 9))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import mechscope
+
+    return mechscope.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    import mechscope
+
+    return mechscope.load_model("gemma3-270m")
