@@ -71,8 +71,9 @@ class HookedModel:
         self, tokens: Int[Tensor, "batch pos"] | str | list[str], *, attention_mask: Tensor | None = None
     ) -> Float[Tensor, "batch pos d_vocab"]:
         tokens = self._as_tokens(tokens)
-        out = self.hf(input_ids=tokens, attention_mask=attention_mask, use_cache=False)
-        return out.logits
+        # Exactly the plain call: even use_cache stays at the model's default, since the KV cache
+        # changes the memory layout of k and v, and with it the rounding of eager attention.
+        return self.hf(input_ids=tokens, attention_mask=attention_mask).logits
 
     forward = __call__
 

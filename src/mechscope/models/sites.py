@@ -40,29 +40,31 @@ class HookPoint:
 
 
 class Attachment:
-    """One hook function attached to one site; `remove()` detaches it completely."""
+    """One hook function attached to one site; `remove()` takes it off every module.
+
+    A backward hook lives on the tensors of the forwards run while it was attached, so it fires
+    in their backward pass even after removal, and in no other graph.
+    """
 
     def __init__(self) -> None:
-        self.active = True
         self._undo: list[Callable[[], Any]] = []
 
     def on_remove(self, undo: Callable[[], Any]) -> None:
         self._undo.append(undo)
 
     def remove(self) -> None:
-        self.active = False  # tensors still alive may hold gradient hooks: they now do nothing
         while self._undo:
             self._undo.pop()()
 
 
-def _run(att: Attachment, fn: HookFn, point: HookPoint, act: torch.Tensor, backward: bool):
+def _run(fn: HookFn, point: HookPoint, act: torch.Tensor, backward: bool):
     """Call a forward hook, or hang a backward hook on `act`. Returns the activation to write back,
     or None when the model's own value stands."""
     if backward:
         if not (torch.is_grad_enabled() and act.requires_grad):
             return None
         act = act.view_as(act)  # a node of our own, through which the gradient flows
-        act.register_hook(lambda grad: fn(grad, point) if att.active else None)
+        act.register_hook(lambda grad: fn(grad, point))
         return act
     new = fn(act, point)
     if new is None:
@@ -94,7 +96,7 @@ class ModuleSite:
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         def apply(value):
-            new = _run(att, fn, point, self.lens.get(value), backward)
+            new = _run(fn, point, self.lens.get(value), backward)
             return None if new is None else self.lens.put(value, new)
 
         if self.on_input:
@@ -121,7 +123,7 @@ class ResidMidSite:
         def on_attn_out(m, args, out):
             attn_out = self.attn_out.lens.get(out)  # [batch, pos, d_model]
             pre = stash.pop("pre")
-            new = _run(att, fn, point, pre + attn_out, backward)
+            new = _run(fn, point, pre + attn_out, backward)
             if new is None:
                 return None
             stash["mid"] = new
@@ -148,7 +150,7 @@ class ResultSite:
         proj = a.module(a.out_proj, layer)
 
         def write(result: torch.Tensor):
-            new = _run(att, fn, point, result, backward)
+            new = _run(fn, point, result, backward)
             return None if new is None else a.attn_out_from_results(layer, new)
 
         if a.attn_post_norm is None:
@@ -178,8 +180,8 @@ def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
     if eager is None:
         raise NotImplementedError(f"{type(module).__name__} has no eager attention to read patterns from")
     out, weights = eager(module, query, key, value, attention_mask, **kwargs)
-    for fn, point, backward, att in list(getattr(module, "_mechscope_pattern_hooks", ())):
-        new = _run(att, fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
+    for fn, point, backward in list(getattr(module, "_mechscope_pattern_hooks", ())):
+        new = _run(fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
         if new is not None:
             weights = new
             v = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # [batch, head, k_pos, d_head]
@@ -226,7 +228,7 @@ class PatternSite:
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         hooks = self.attn.__dict__.setdefault("_mechscope_pattern_hooks", [])
-        entry = (fn, point, backward, att)
+        entry = (fn, point, backward)
         hooks.append(entry)
         self.switch.acquire()
         att.on_remove(self.switch.release)
@@ -243,7 +245,7 @@ class ScaleSite:
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         def on_norm(m, args, out):
             x = args[0]  # [batch, pos, d_model]
-            new = _run(att, fn, point, norm_scale(self.kind, self.norm, x), backward)
+            new = _run(fn, point, norm_scale(self.kind, self.norm, x), backward)
             return None if new is None else norm_apply(self.kind, self.norm, x, new)
 
         _forward_hook(att, self.norm, on_norm)
@@ -285,7 +287,7 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
 def unknown_name_error(name: str, names: list[str]) -> HookNameError:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     hint = f" Closest valid names: {', '.join(close)}." if close else ""
-    examples = ", ".join(n for n in names if n.startswith("blocks.0.") or "." not in n)
+    examples = ", ".join(n for n in names if n.startswith("blocks.0.") or not n.startswith("blocks."))
     return HookNameError(
         f"unknown hook name {name!r}.{hint} This model's sites are {examples}, "
         "and the same for every layer (blocks.{l}....)."

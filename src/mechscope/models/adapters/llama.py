@@ -6,7 +6,7 @@ from mechscope.models.lens import FIRST, OUT, heads
 
 class LlamaAdapter(Adapter):
     family = "llama"
-    model_types = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+    model_types = ("llama", "mistral", "qwen2")
     norm_kind = "rmsnorm"
 
     embed = "model.embed_tokens"

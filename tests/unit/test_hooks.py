@@ -1,0 +1,151 @@
+"""Hook lifecycle, backward hooks, and the errors a user meets first."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, OPTConfig
+
+from conftest import VOCAB, tiny_model
+from mechscope import HookedModel, HookNameError, InputError, UnsupportedModelError
+
+
+def _no_hooks_left(model: HookedModel) -> bool:
+    for module in model.hf.modules():
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return False
+        if getattr(module, "_mechscope_pattern_hooks", []):
+            return False
+    return model.hf.config._attn_implementation == "sdpa"
+
+
+def test_exception_inside_hooks_leaves_no_hook(model, tokens):
+    hooks = [(n, lambda act, hook: None) for n in model.hook_names]
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.hooks(fwd_hooks=hooks, bwd_hooks=hooks[:3]):
+            model(tokens)
+            raise RuntimeError("boom")
+    assert _no_hooks_left(model)
+
+
+def test_exception_inside_a_hook_leaves_no_hook(model, tokens):
+    def bad(act, hook):
+        raise ValueError("inside the hook")
+
+    with pytest.raises(ValueError, match="inside the hook"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_pattern", bad)])
+    assert _no_hooks_left(model)
+
+
+def test_hooks_context_nests_and_composes(tokens):
+    model = tiny_model("llama-gqa")
+    zero = lambda act, hook: torch.zeros_like(act)  # noqa: E731
+    with model.hooks(fwd_hooks=[("blocks.0.hook_attn_out", zero)]):
+        inner = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_attn_out", zero)])
+        outer = model(tokens)
+    both = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_attn_out", zero), ("blocks.1.hook_attn_out", zero)])
+    assert torch.equal(inner, both) and not torch.equal(outer, both)
+    assert _no_hooks_left(model)
+
+
+def test_name_filter_in_hooks(tokens):
+    model = tiny_model("gpt2")
+    seen = []
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda n: n.endswith("hook_z"), lambda a, h: seen.append(h.layer))])
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("site", ["blocks.1.hook_attn_out", "blocks.1.attn.hook_q", "blocks.1.attn.hook_pattern",
+                                  "blocks.1.hook_resid_pre", "blocks.0.attn.hook_result", "ln_final.hook_scale",
+                                  "blocks.1.mlp.hook_post"])
+def test_backward_hook_gets_the_gradient(family, tokens, site):
+    """The gradient a backward hook sees equals autograd's gradient with respect to that activation."""
+    model = tiny_model(family)
+    leaf = {}
+
+    def as_leaf(act, hook):
+        leaf["x"] = act.detach().clone().requires_grad_(True)
+        return leaf["x"]
+
+    loss = model.run_with_hooks(tokens, fwd_hooks=[(site, as_leaf)])[:, -1, :5].sum()
+    (expected,) = torch.autograd.grad(loss, leaf["x"])
+
+    got = {}
+    logits = model.run_with_hooks(tokens, bwd_hooks=[(site, lambda g, hook: got.setdefault("g", g.clone()))])
+    logits[:, -1, :5].sum().backward()
+    torch.testing.assert_close(got["g"], expected, atol=1e-5, rtol=1e-4)
+    assert _no_hooks_left(model)
+
+
+def test_backward_hook_can_replace_the_gradient(tokens):
+    model = tiny_model("llama-gqa")
+    embed = model.adapter.module(model.adapter.embed).weight
+    logits = model.run_with_hooks(tokens, bwd_hooks=[("blocks.0.hook_resid_pre", lambda g, h: torch.zeros_like(g))])
+    logits.sum().backward()
+    assert embed.grad is not None and torch.count_nonzero(embed.grad) == 0
+
+
+def test_unknown_hook_name_suggests_close_ones(model, tokens):
+    with pytest.raises(HookNameError) as err:
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_patern", lambda a, h: None)])
+    assert "blocks.0.attn.hook_pattern" in str(err.value)
+    with pytest.raises(HookNameError, match="blocks.99.hook_resid_pre"):
+        model.run_with_cache(tokens, names_filter=["blocks.99.hook_resid_pre"])
+    assert _no_hooks_left(model)
+
+
+def test_resid_mid_absent_with_parallel_residual():
+    model = tiny_model("neox")
+    assert model.cfg.parallel_residual
+    with pytest.raises(HookNameError, match="unknown hook name 'blocks.0.hook_resid_mid'"):
+        model.run_with_hooks(torch.zeros(1, 3, dtype=torch.long), fwd_hooks=[("blocks.0.hook_resid_mid", print)])
+
+
+def test_hook_returning_a_wrong_shape_is_named(tokens):
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=r"hook on 'blocks.0.attn.hook_z' returned \(3,\)"):
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_z", lambda a, h: torch.zeros(3))])
+    assert _no_hooks_left(model)
+
+
+def test_tokens_outside_the_vocabulary(model):
+    with pytest.raises(InputError, match=f"token ids \\[{VOCAB + 5}\\] are outside the vocabulary"):
+        model(torch.tensor([[1, 2, VOCAB + 5]]))
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        model.run_with_cache(torch.tensor([[-1, 2]]))
+    with pytest.raises(InputError, match="integer ids"):
+        model(torch.zeros(1, 3))
+    assert _no_hooks_left(model)
+
+
+def test_config(model):
+    cfg = model.cfg
+    assert cfg.d_model == 64 and cfg.n_layers == 3 and cfg.n_heads == 4 and cfg.d_vocab == VOCAB
+    assert cfg.d_head * cfg.n_heads == model.adapter.W_O(0).shape[0] * model.adapter.W_O(0).shape[1]
+    assert model.W_U.shape == (64, VOCAB)
+
+
+def test_llama_layout_is_recognized_by_structure():
+    cfg = MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=64, vocab_size=VOCAB)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    hf.config.model_type = "some_new_llama_like"
+    assert HookedModel(hf).cfg.family == "llama"
+
+
+def test_unsupported_architecture():
+    hf = AutoModelForCausalLM.from_config(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    ffn_dim=64, vocab_size=VOCAB, word_embed_proj_dim=32))
+    with pytest.raises(UnsupportedModelError, match=r"OPTForCausalLM.*gpt2.*llama.*adapters/<family>.py"):
+        HookedModel(hf)
+
+
+def test_tokens_helpers():
+    model = tiny_model("gpt2")
+    a, b = model.tokenizer.convert_tokens_to_ids(["a", "b"])
+    assert model.to_tokens("ab").tolist() == [[a, b]]
+    assert model.to_tokens("ab", prepend_bos=True).tolist() == [[model.tokenizer.bos_token_id, a, b]]
+    assert model.to_str_tokens("ab") == ["a", "b"]
+    assert model.to_str_tokens(torch.tensor([a, b])) == ["a", "b"]
+    assert model.to_single_token("a") == a
+    with pytest.raises(InputError, match="'ab' is 2 tokens"):
+        model.to_single_token("ab")
+    assert torch.equal(model("ab"), model(model.to_tokens("ab")))
