@@ -69,7 +69,7 @@ def _load(source: str, where: dict, kwargs: dict):
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(source, **where, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
+    except Exception as err:  # any failure here (safetensors, config, hub) is a failure to load
         if where.get("local_files_only"):
             raise
         hint = ""
@@ -107,7 +107,7 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
 def _load_from_hub(hub_id: str, kwargs: dict):
     try:  # a copy in the local Hugging Face cache needs no network
         return _load(hub_id, {"local_files_only": True}, kwargs)
-    except (OSError, ValueError):
+    except Exception:  # not in the local cache (or not loadable from it): ask the hub
         pass
     ok, why = hub_reachable()
     if not ok:

@@ -191,10 +191,15 @@ def _dequantize(gguf: Path, target: Path, *, progress: bool) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model)
+    _store(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def _store(target: Path, write) -> None:
+    """Let `write(folder)` fill a fresh folder, add a manifest of sizes and hashes, and move the
+    folder to `target` by a rename: `target` is never half-written."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -1,0 +1,70 @@
+"""Real models from the offline zoo: logits equal plain `transformers`, hooks hold at full size, and
+the models do IOI. The first run fetches the models (about 20 s and 60 s); later runs load in seconds."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mechscope.cli import DEMO_PROMPTS
+from mechscope.models import zoo
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [p for p, _, _ in DEMO_PROMPTS]
+
+
+def _logits(model, prompts):
+    with torch.no_grad():
+        return model(model.to_tokens(prompts))
+
+
+@pytest.mark.parametrize("alias, fixture", [("smollm2-135m", "smollm2"), ("gemma3-270m", "gemma3")])
+def test_logits_equal_plain_transformers_on_the_same_gguf(alias, fixture, request):
+    model = request.getfixturevalue(fixture)
+    entry = zoo.ZOO[alias]
+    plain = AutoModelForCausalLM.from_pretrained(zoo.model_dir(alias), gguf_file=entry.gguf_name).eval()
+    tokens = model.to_tokens(PROMPTS)
+    last = model.last_positions(PROMPTS)
+    with torch.no_grad():
+        ours = model(tokens)
+        theirs = plain(input_ids=tokens).logits
+    for i, n in enumerate(last.tolist()):  # real positions; padding is not compared
+        torch.testing.assert_close(ours[i, : n + 1], theirs[i, : n + 1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+def test_prefers_the_indirect_object(fixture, request):
+    model = request.getfixturevalue(fixture)
+    logits = _logits(model, PROMPTS)
+    last = model.last_positions(PROMPTS)
+    diffs = []
+    for i, (_, io, s) in enumerate(DEMO_PROMPTS):
+        final = logits[i, last[i]]
+        diffs.append((final[model.to_single_token(io)] - final[model.to_single_token(s)]).item())
+    assert all(d > 0 for d in diffs), diffs
+    assert sum(diffs) / len(diffs) > 1.5, diffs
+
+
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+def test_hooks_on_the_real_model(fixture, request):
+    model = request.getfixturevalue(fixture)
+    cfg = model.cfg
+    tokens = model.to_tokens(PROMPTS[:2])
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith("hook_pattern"))
+        assert torch.equal(logits, model(tokens))
+    assert cache["k", 0].shape == (2, tokens.shape[1], cfg.n_kv_heads, cfg.d_head)
+    assert cfg.n_kv_heads < cfg.n_heads  # both zoo models use grouped-query attention
+    final = cache[f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    torch.testing.assert_close(cache.decompose_resid().sum(0), final, atol=1e-3, rtol=1e-4)
+    for layer in (0, cfg.n_layers - 1):
+        bias = model.adapter.b_O(layer) if model.adapter.attn_post_norm is None else None
+        total = cache["result", layer].sum(2) + (bias if bias is not None else 0)
+        torch.testing.assert_close(total, cache["attn_out", layer], atol=1e-4, rtol=1e-4)
+
+
+def test_second_fetch_is_a_no_op(smollm2):
+    weights = zoo.model_dir("smollm2-135m") / "hf" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    zoo.fetch("smollm2-135m")
+    assert weights.stat().st_mtime_ns == before

