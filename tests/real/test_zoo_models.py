@@ -32,6 +32,16 @@ def test_logits_equal_plain_transformers_on_the_same_gguf(alias, fixture, reques
         torch.testing.assert_close(ours[i, : n + 1], theirs[i, : n + 1], atol=1e-4, rtol=0)
 
 
+def test_load_a_gguf_file_directly(smollm2):
+    import mechscope
+
+    path = zoo.model_dir("smollm2-135m") / zoo.ZOO["smollm2-135m"].gguf_name
+    direct = mechscope.load_model(path)
+    assert direct.cfg.model_name == str(path) and direct.cfg.family == "llama"
+    assert direct.cfg.n_layers == 30 and direct.cfg.n_heads == 9 and direct.cfg.n_kv_heads == 3
+    assert torch.equal(_logits(direct, PROMPTS), _logits(smollm2, PROMPTS))
+
+
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
 def test_prefers_the_indirect_object(fixture, request):
     model = request.getfixturevalue(fixture)

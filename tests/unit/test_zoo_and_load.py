@@ -103,6 +103,9 @@ def test_load_local_directory(tmp_path):
         assert torch.equal(model(tokens), hf(input_ids=tokens).logits)
     assert model.to_str_tokens("hi") == ["h", "i"]
     assert load_model(tmp_path, dtype="bfloat16").hf.dtype == torch.bfloat16
+    auto = load_model(tmp_path, device="auto")  # accelerate's device_map: here, the CPU
+    with torch.no_grad():
+        assert torch.equal(auto(tokens), hf(input_ids=tokens).logits)
 
 
 def test_broken_cache_file_is_a_clear_error(tmp_path):

@@ -35,25 +35,30 @@ def load_model(
     kwargs = {"dtype": _dtype(dtype)}
     if str(device) == "auto":
         kwargs["device_map"] = "auto"
-    spec = str(spec)
-    if spec in zoo.ZOO:
-        model = zoo.ZOO[spec]
-        if model.hub_id is None:
-            path = zoo.fetch(spec, progress=progress, verify=False)
-            return _wrap(_load(str(path), {}, kwargs), device, name=spec)
-        spec = model.hub_id
+    name = spec = str(spec)
+    if spec in zoo.ZOO:  # a zoo alias is its cached directory (fetched if need be) or its hub id
+        spec = zoo.ZOO[spec].hub_id or str(zoo.fetch(spec, progress=progress, verify=False))
+    with zoo.transformers_progress(progress):
+        hf, tokenizer = _load_spec(spec, kwargs)
+    if str(device) != "auto":
+        hf = hf.to(device)
+    hf.config.name_or_path = name
+    return HookedModel(hf, tokenizer)
+
+
+def _load_spec(spec: str, kwargs: dict):
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"no GGUF file at {path}")
-        hf, tok = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
+        hf, tokenizer = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
         zoo.drop_gguf_quantizer(hf)
-        return _wrap((hf, tok), device, name=path.name)
+        return hf, tokenizer
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model directory (it has no config.json)")
-        return _wrap(_load(str(path), {}, kwargs), device, name=spec)
-    return _wrap(_load_from_hub(spec, kwargs), device, name=spec)
+        return _load(str(path), {}, kwargs)
+    return _load_from_hub(spec, kwargs)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -82,14 +87,6 @@ def _load(source: str, where: dict, kwargs: dict):
         log.warning("no tokenizer for %s (%s); pass token ids to the model", source, err)
         tokenizer = None
     return hf, tokenizer
-
-
-def _wrap(loaded, device, *, name: str) -> HookedModel:
-    hf, tokenizer = loaded
-    if str(device) != "auto":
-        hf = hf.to(device)
-    hf.config.name_or_path = name
-    return HookedModel(hf, tokenizer)
 
 
 def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:

