@@ -165,9 +165,7 @@ class HookedModel:
     def _select(self, names_filter: NamesFilter) -> list[str]:
         if names_filter is None:
             return [n for n in self.hook_names if not n.endswith("attn.hook_result")]
-        if isinstance(names_filter, str):
-            return self._resolve(names_filter)
-        if callable(names_filter):
+        if isinstance(names_filter, str) or callable(names_filter):
             return self._resolve(names_filter)
         return [n for name in names_filter for n in self._resolve(name)]
 

@@ -1,28 +1,23 @@
-"""Gemma 3 (text): q/k norms, sliding-window layers, sandwich norms around attention and MLP.
+"""Gemma 3 (text): Llama's module names, plus q/k norms, sliding-window layers, and sandwich norms
+around attention and MLP.
 
 `hook_attn_out` and `hook_mlp_out` are what is added to the residual stream, i.e. the outputs of the
 post-attention and post-feedforward norms. `hook_q` and `hook_k` are read after the q/k norms and
 before rotary. `hook_result` is each head's share of `hook_attn_out`: its output projection scaled
 by the post-attention norm (whose scale is set by all heads together), so heads sum to
-`hook_attn_out`.
+`hook_attn_out`. Sliding windows need nothing here: they live in the attention masks.
 """
 
-from mechscope.models.adapters.base import Adapter, Place
+from mechscope.models.adapters.base import Place
+from mechscope.models.adapters.llama import LlamaAdapter
 from mechscope.models.lens import OUT, TRANSPOSED, heads
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(LlamaAdapter):
     family = "gemma3"
     model_types = ("gemma3_text",)
-    norm_kind = "rmsnorm_plus_one"
+    norm_kind = "rmsnorm_plus_one"  # x / rms * (1 + w); the embedding scales by sqrt(d_model) inside
 
-    embed = "model.embed_tokens"  # scales by sqrt(d_model) inside, as hook_embed reports
-    layers = "model.layers"
-    final_norm = "model.norm"
-
-    attn = "self_attn"
-    out_proj = "self_attn.o_proj"
-    down_proj = "mlp.down_proj"
     mlp_norm = "pre_feedforward_layernorm"
     attn_post_norm = "post_attention_layernorm"
     attn_out = Place("post_attention_layernorm", OUT)
