@@ -93,6 +93,14 @@ class HookedModel:
             )
         return tokens.to(self.device)
 
+    def logits_from_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """What the model's head makes of a final residual stream: final norm, unembedding (and
+        Gemma's logit soft-capping, where configured). Lets a caller unembed only some positions."""
+        a = self.adapter
+        logits = a.unembed(a.module(a.final_norm)(resid))
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     # ---- hooks ------------------------------------------------------------------------------
     def _resolve(self, name: str | Callable[[str], bool]) -> list[str]:
         if callable(name):

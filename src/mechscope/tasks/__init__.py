@@ -1,5 +1,6 @@
 """Tasks: prompts and their contrasts (clean / corrupt), tokenized for a model."""
 
-from mechscope.tasks.pairs import tokenize_pairs
+from mechscope.tasks.batch import ContrastiveBatch, tokenize_pairs
+from mechscope.tasks.ioi import ioi
 
-__all__ = ["tokenize_pairs"]
+__all__ = ["ContrastiveBatch", "ioi", "tokenize_pairs"]

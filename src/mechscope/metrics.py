@@ -1,0 +1,63 @@
+"""Metrics: plain functions of the logits at each prompt's read position and the batch.
+
+A metric takes `logits` [..., batch, d_vocab] (the read position of each prompt; leading dimensions,
+such as patched variants, are allowed) and a ContrastiveBatch, and returns one value per prompt,
+[..., batch]. Patching averages over prompts. Any function of that signature is a custom metric.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mechscope.tasks.batch import ContrastiveBatch
+
+Metric = Callable[[Float[Tensor, "... batch d_vocab"], "ContrastiveBatch"], Float[Tensor, "... batch"]]
+
+
+def _pick(logits: Tensor, ids: Tensor) -> Tensor:
+    """logits[..., b, ids[b]] -> [..., batch]."""
+    index = ids.to(logits.device).expand(logits.shape[:-1])[..., None]  # [..., batch, 1]
+    return logits.gather(-1, index)[..., 0]
+
+
+def read_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: "ContrastiveBatch") -> Float[Tensor, "batch d_vocab"]:
+    """The logits at each prompt's read position."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), batch.read_pos.to(logits.device)]
+
+
+def logit_diff(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
+    """Logit of the answer minus logit of the wrong answer."""
+    return _pick(logits, batch.answer) - _pick(logits, batch.wrong)
+
+
+def answer_prob(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
+    """Probability of the answer."""
+    return _pick(logits.float().softmax(-1), batch.answer)
+
+
+def kl_div(logits: Tensor, batch: "ContrastiveBatch", *, reference: Tensor) -> Tensor:
+    """KL(reference || logits) of the next-token distributions; the reference is the clean run's."""
+    log_p = reference.float().log_softmax(-1)  # [batch, d_vocab]
+    log_q = logits.float().log_softmax(-1)  # [..., batch, d_vocab]
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+METRICS = {"logit_diff": logit_diff, "answer_prob": answer_prob, "kl_div": kl_div}
+
+
+def resolve_metric(metric: str | Metric, clean_read_logits: Tensor) -> tuple[str, Metric]:
+    """(name, function) for a metric name or a custom function; kl_div is bound to the clean run."""
+    if callable(metric):
+        return getattr(metric, "__name__", "custom"), metric
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function "
+                         "(logits [..., batch, d_vocab], batch) -> [..., batch]")
+    if metric == "kl_div":
+        return metric, partial(kl_div, reference=clean_read_logits)
+    return metric, METRICS[metric]

@@ -1,0 +1,7 @@
+"""Activation patching: which components carry the difference between a clean and a corrupt run."""
+
+from mechscope.patching.exact import activation_patch
+from mechscope.patching.result import PatchResult
+from mechscope.patching.sites import SITES
+
+__all__ = ["SITES", "PatchResult", "activation_patch"]

@@ -1,0 +1,173 @@
+"""Exact activation patching, fast: the numbers of one forward per component, at a fraction of the cost.
+
+For every component (a layer, a head, optionally at one position) the engine puts the source run's
+activation into the target run (denoising: clean into corrupt; noising: corrupt into clean) and
+measures the metric. Three things make it fast without changing a number:
+1. each patched run resumes from the target's cached residual stream at the patched layer;
+2. the variants of one layer run as one batch (chunked by `memory_mb`), each row patching its own
+   component through a mask;
+3. only the positions the metric reads are unembedded.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import InputError
+from mechscope.metrics import Metric, read_logits, resolve_metric
+from mechscope.models.hooked import HookedModel
+from mechscope.patching.result import PatchResult
+from mechscope.patching.resume import LayerInputs
+from mechscope.patching.sites import PatchSite, patch_site
+from mechscope.tasks.batch import ContrastiveBatch
+
+
+def activation_patch(
+    model: HookedModel,
+    batch: ContrastiveBatch,
+    *,
+    site: str,
+    metric: str | Metric = "logit_diff",
+    direction: str = "denoise",
+    per_position: bool = False,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    progress: bool = False,
+    memory_mb: int = 1024,
+) -> PatchResult:
+    """Patch every component of `site` and return the effect on the metric.
+
+    `values[...]` = metric of the patched run - metric of the run it patches into, averaged over
+    prompts. Axes: (layer,) or (layer, pos) for resid_pre|mid|post, attn_out, mlp_out; (layer, head)
+    or (layer, head, pos) for head_z|q|k|v|pattern|result (k and v per key/value head).
+    """
+    start = time.perf_counter()
+    spec = patch_site(site)
+    if direction not in ("denoise", "noise"):
+        raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), not {direction!r}")
+    layers = _check_indices("layer", layers, model.cfg.n_layers)
+    n_heads = model.cfg.n_kv_heads if spec.kv else model.cfg.n_heads
+    if heads is not None and not spec.per_head:
+        raise InputError(f"site {site!r} has no heads; leave `heads` out")
+    heads = _check_indices("head", heads, n_heads) if spec.per_head else [None]
+    n_pos = batch.clean.shape[1]
+    positions = list(range(n_pos)) if per_position else [None]
+
+    source, target = (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
+    hooks = [spec.hook_name(layer) for layer in layers]
+    inputs = LayerInputs(model, len(batch))
+    with torch.no_grad():
+        source_logits, source_cache = model.run_with_cache(source, names_filter=hooks)
+        # The target run is recorded under the attention the patched runs will use (eager for patterns).
+        same_attention = [(hooks[0], lambda act, hook: None)] if spec.name == "head_pattern" else []
+        with inputs.recording(), model.hooks(fwd_hooks=same_attention):
+            target_logits = model.hf(input_ids=target, use_cache=False).logits  # no KV cache to replay
+    clean_logits, corrupt_logits = (source_logits, target_logits) if direction == "denoise" else (target_logits, source_logits)
+    name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
+    clean_metric = _mean_metric(fn, read_logits(clean_logits, batch)[None], batch).item()
+    corrupt_metric = _mean_metric(fn, read_logits(corrupt_logits, batch)[None], batch).item()
+    baseline = corrupt_metric if direction == "denoise" else clean_metric
+
+    values = torch.zeros(len(layers), len(heads), len(positions))  # squeezed to the result's axes below
+    components = [(hi, h, pi, p) for hi, h in enumerate(heads) for pi, p in enumerate(positions)]
+    per_chunk = _variants_per_chunk(model, batch, memory_mb)
+    bar = _progress(progress, len(layers) * len(components), site)
+    with torch.no_grad(), bar or nullcontext():
+        for li, layer in enumerate(layers):
+            src = source_cache[hooks[li]]  # [batch, *site shape]
+            for i in range(0, len(components), per_chunk):
+                chunk = components[i : i + per_chunk]
+                mask = _variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
+                patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
+                for (hi, _, pi, _), value in zip(chunk, patched):
+                    values[li, hi, pi] = value - baseline
+                if bar:
+                    bar.advance(bar.task_ids[0], len(chunk))
+
+    axes = ("layer",) + (("head",) if spec.per_head else ()) + (("pos",) if per_position else ())
+    shape = [len(layers)] + ([len(heads)] if spec.per_head else []) + ([n_pos] if per_position else [])
+    labels = {"layer": [str(layer) for layer in layers]}
+    if spec.per_head:
+        labels["head"] = [str(h) for h in heads]
+    if per_position:
+        labels["pos"] = _position_labels(model, batch)
+    return PatchResult(
+        values=values.reshape(shape), axes=axes, labels=labels, site=site, technique="exact",
+        metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric,
+        model=model.cfg.model_name, n_prompts=len(batch), seconds=time.perf_counter() - start,
+    )
+
+
+def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, mask: Tensor) -> Tensor:
+    """The mean metric of k patched variants, run as one batch from `layer` on: [k]."""
+    k, b = mask.shape[0], len(batch)
+
+    def write(act: Tensor, _) -> Tensor:
+        rows = act.reshape(k, b, *act.shape[1:])  # [k, batch, *site shape]
+        return torch.where(mask[:, None], src[None], rows).reshape(act.shape)
+
+    hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
+    with model.hooks(fwd_hooks=[(hook, write)]):
+        logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
+    return _mean_metric(fn, logits, batch)
+
+
+def _mean_metric(fn: Metric, logits: Tensor, batch: ContrastiveBatch) -> Tensor:
+    """fn per variant ([batch, d_vocab] -> [batch] or a scalar), averaged over prompts: [k]."""
+    return torch.stack([fn(variant, batch).float().mean() for variant in logits])
+
+
+def _variant_mask(spec: PatchSite, shape: torch.Size, components: list[tuple[int | None, int | None]]) -> Tensor:
+    """[k, *shape'] booleans: row j marks component j's head and position (all of a missing one)."""
+    mask_shape = [1] * len(shape)
+    if spec.per_head:
+        mask_shape[spec.head_dim] = shape[spec.head_dim]
+    if components[0][1] is not None:
+        mask_shape[spec.pos_dim] = shape[spec.pos_dim]
+    mask = torch.zeros(len(components), *mask_shape, dtype=torch.bool)
+    for j, (head, pos) in enumerate(components):
+        index = [j] + [slice(None)] * len(shape)
+        if head is not None:
+            index[1 + spec.head_dim] = head
+        if pos is not None:
+            index[1 + spec.pos_dim] = pos
+        mask[tuple(index)] = True
+    return mask
+
+
+def _variants_per_chunk(model: HookedModel, batch: ContrastiveBatch, memory_mb: int) -> int:
+    """How many patched variants fit in the memory budget at once (a rough, safe estimate)."""
+    c, (b, n_pos) = model.cfg, batch.clean.shape
+    floats = b * n_pos * (8 * c.d_model + 3 * c.d_mlp + 2 * c.n_heads * n_pos) + 2 * b * c.d_vocab
+    return max(1, memory_mb * 2**20 // (4 * floats))
+
+
+def _check_indices(what: str, given: Sequence[int] | None, n: int) -> list[int]:
+    if given is None:
+        return list(range(n))
+    given = list(given)
+    bad = [i for i in given if not 0 <= i < n]
+    if bad or not given:
+        raise InputError(f"{what}s {bad or given} are out of range; this model has {what}s 0 .. {n - 1}")
+    return given
+
+
+def _position_labels(model: HookedModel, batch: ContrastiveBatch) -> list[str]:
+    if batch.equal_lengths:
+        return [f"{i}:{tok}" for i, tok in enumerate(model.to_str_tokens(batch.clean[0]))]
+    return [str(i) for i in range(batch.clean.shape[1])]
+
+
+def _progress(enabled: bool, total: int, site: str):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"patching {site}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    bar.add_task(site, total=total)
+    return bar

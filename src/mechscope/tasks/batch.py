@@ -1,0 +1,127 @@
+"""ContrastiveBatch: clean and corrupt prompts, tokenized alike, with the answer each should give.
+
+Patching swaps activations position by position, so each clean/corrupt pair must tokenize to the
+same length; prompts of different lengths may mix in one batch (right-padded)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from mechscope.errors import InputError
+
+if TYPE_CHECKING:
+    from mechscope.models.hooked import HookedModel
+
+
+def tokenize_pairs(
+    model: "HookedModel", clean: Sequence[str], corrupt: Sequence[str], *, where: Sequence[str] | None = None
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
+    """(clean tokens, corrupt tokens, each pair's last real position), right-padded alike.
+
+    Raises InputError naming the first pair (or `where[i]`, e.g. a file line) whose prompts differ
+    in token length."""
+    if len(clean) != len(corrupt):
+        raise InputError(f"{len(clean)} clean prompts but {len(corrupt)} corrupt ones; they go in pairs")
+    if not clean:
+        raise InputError("no prompts: give at least one clean/corrupt pair")
+    for i, (a, b) in enumerate(zip(clean, corrupt)):
+        ta, tb = model.to_str_tokens(a), model.to_str_tokens(b)
+        if len(ta) != len(tb):
+            raise InputError(
+                f"{where[i] if where else f'pair {i}'}: the clean prompt is {len(ta)} tokens and the "
+                f"corrupt one {len(tb)}; patching needs equal lengths.\n  clean:   {ta}\n  corrupt: {tb}\n"
+                "Choose words that are one token each (e.g. names with a leading space)."
+            )
+    return model.to_tokens(list(clean)), model.to_tokens(list(corrupt)), model.last_positions(list(clean))
+
+
+@dataclass(frozen=True)
+class ContrastiveBatch:
+    """Clean/corrupt token pairs and, per prompt, the answer, the wrong answer and the read position.
+
+    `clean`, `corrupt`: [batch, pos]; `answer`, `wrong`, `read_pos`: [batch]."""
+
+    clean: Int[Tensor, "batch pos"]
+    corrupt: Int[Tensor, "batch pos"]
+    answer: Int[Tensor, " batch"]
+    wrong: Int[Tensor, " batch"]
+    read_pos: Int[Tensor, " batch"]
+    clean_prompts: tuple[str, ...]
+    corrupt_prompts: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+    @property
+    def equal_lengths(self) -> bool:
+        return bool((self.read_pos == self.read_pos[0]).all())
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: "HookedModel",
+        clean: Sequence[str],
+        corrupt: Sequence[str],
+        answers: Sequence[str],
+        wrongs: Sequence[str],
+        *,
+        where: Sequence[str] | None = None,
+    ) -> "ContrastiveBatch":
+        """Answers are single tokens, written as they follow the prompt (usually with a leading space)."""
+        if not len(answers) == len(wrongs) == len(clean):
+            raise InputError(f"{len(clean)} prompts, {len(answers)} answers and {len(wrongs)} wrong answers; "
+                             "give one of each per prompt")
+        clean_tokens, corrupt_tokens, read_pos = tokenize_pairs(model, clean, corrupt, where=where)
+
+        def single(text: str, i: int, what: str) -> int:
+            try:
+                return model.to_single_token(text)
+            except InputError as err:
+                raise InputError(f"{where[i] if where else f'pair {i}'}: the {what} {err}") from None
+
+        device = clean_tokens.device
+        return cls(
+            clean=clean_tokens,
+            corrupt=corrupt_tokens,
+            answer=torch.tensor([single(a, i, "answer") for i, a in enumerate(answers)], device=device),
+            wrong=torch.tensor([single(w, i, "wrong answer") for i, w in enumerate(wrongs)], device=device),
+            read_pos=read_pos,
+            clean_prompts=tuple(clean),
+            corrupt_prompts=tuple(corrupt),
+        )
+
+    @classmethod
+    def from_records(cls, model: "HookedModel", records: Iterable[dict], *, where: Sequence[str] | None = None):
+        """From dicts with keys clean, corrupt, answer, wrong."""
+        records = list(records)
+        for i, r in enumerate(records):
+            missing = {"clean", "corrupt", "answer", "wrong"} - set(r)
+            if missing:
+                raise InputError(f"{where[i] if where else f'record {i}'}: missing {', '.join(sorted(missing))}; "
+                                 'each needs {"clean", "corrupt", "answer", "wrong"}')
+        return cls.from_pairs(model, *([r[k] for r in records] for k in ("clean", "corrupt", "answer", "wrong")),
+                              where=where)
+
+    @classmethod
+    def from_jsonl(cls, model: "HookedModel", path: str | Path) -> "ContrastiveBatch":
+        """One JSON object per line: {"clean": str, "corrupt": str, "answer": str, "wrong": str}."""
+        path = Path(path)
+        records, where = [], []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            where.append(f"{path}:{n}")
+        if not records:
+            raise InputError(f"{path} holds no prompts")
+        return cls.from_records(model, records, where=where)
