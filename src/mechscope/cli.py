@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -89,6 +90,70 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
     console.print(table)
     console.print(f"mean logit difference {sum(diffs) / len(diffs):+.2f} over {len(diffs)} prompts "
                   f"({time.perf_counter() - start:.1f} s in all)")
+
+
+@app.command()
+def patch(
+    model: str = typer.Option(..., help="Model spec: zoo alias, directory, .gguf or hub id."),
+    site: str = typer.Option(..., help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head_z|head_q|head_k|head_v|head_pattern|head_result"),
+    out: Path = typer.Option(..., help="Where to write the result JSON."),
+    prompts: Path = typer.Option(None, help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.'),
+    task: str = typer.Option(None, help="A built-in task instead of --prompts: ioi."),
+    n: int = typer.Option(8, help="Prompts to generate for --task."),
+    seed: int = typer.Option(0, help="Seed for --task."),
+    per_position: bool = typer.Option(False, "--per-position", help="One component per position too."),
+    direction: str = typer.Option("denoise", help="denoise (clean into corrupt) or noise (corrupt into clean)."),
+    metric: str = typer.Option("logit_diff", help="logit_diff, answer_prob or kl_div."),
+    top: int = typer.Option(10, help="How many components to print."),
+) -> None:
+    """Exact activation patching of every component of a site; writes a JSON result."""
+    from mechscope.errors import MechscopeError
+    from mechscope.patching import activation_patch
+    from mechscope.patching.sites import patch_site
+
+    try:
+        patch_site(site)  # before the model loads
+        m = _load(model)
+        batch = _batch(m, prompts, task, n, seed)
+        result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
+                                  metric=metric, progress=True)
+    except MechscopeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    result.to_json(out)
+    _print_top(result, top)
+    console.print(f"wrote {out} ({result.seconds:.1f} s)")
+
+
+def _load(spec: str):
+    from mechscope import load_model
+
+    return load_model(spec, progress=True)
+
+
+def _batch(model, prompts: Path | None, task: str | None, n: int, seed: int):
+    from mechscope.errors import InputError
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    if (prompts is None) == (task is None):
+        raise InputError("give either --prompts FILE.jsonl or --task ioi")
+    if prompts is not None:
+        return ContrastiveBatch.from_jsonl(model, prompts)
+    if task != "ioi":
+        raise InputError(f"unknown task {task!r}; the built-in task is ioi")
+    return ContrastiveBatch.from_records(model, ioi(n, seed=seed, model=model))
+
+
+def _print_top(result, k: int) -> None:
+    console.print(result)
+    table = Table(*result.axes, "effect", "normalized")
+    normalized = result.normalized().flatten()
+    for labels, value in result.top(k):
+        index = 0
+        for axis in result.axes:
+            index = index * len(result.labels[axis]) + result.labels[axis].index(labels[axis])
+        table.add_row(*labels.values(), f"{value:+.4f}", f"{normalized[index].item():+.3f}")
+    console.print(table)
 
 
 if __name__ == "__main__":
