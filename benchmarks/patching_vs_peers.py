@@ -14,7 +14,8 @@ Prints each time, the ratios, and the largest difference from mechscope's values
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import io
 import time
 
 import torch
@@ -38,7 +39,8 @@ def run_transformer_lens(model, batch) -> torch.Tensor:
     def metric(logits):
         return logit_diff(read_logits(logits, batch), batch).mean() - corrupt_ld
 
-    return patching.get_act_patch_attn_head_out_all_pos(bridge, batch.corrupt, clean_cache, metric)
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, one line per head
+        return patching.get_act_patch_attn_head_out_all_pos(bridge, batch.corrupt, clean_cache, metric)
 
 
 def run_nnsight(model, batch) -> torch.Tensor:
@@ -66,7 +68,6 @@ def run_nnsight(model, batch) -> torch.Tensor:
 
 
 def main() -> None:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's per-head progress bar
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="a zoo alias (the peers boot from its files)")
     p.add_argument("--n", type=int, default=8, help="IOI prompts (one template: equal lengths)")
