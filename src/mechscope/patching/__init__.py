@@ -1,7 +1,8 @@
 """Activation patching: which components carry the difference between a clean and a corrupt run."""
 
+from mechscope.patching.attribution import attribution_patch
 from mechscope.patching.exact import activation_patch
 from mechscope.patching.result import PatchResult
 from mechscope.patching.sites import SITES
 
-__all__ = ["SITES", "PatchResult", "activation_patch"]
+__all__ = ["SITES", "PatchResult", "activation_patch", "attribution_patch"]

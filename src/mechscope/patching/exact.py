@@ -50,11 +50,7 @@ def activation_patch(
     spec = patch_site(site)
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), not {direction!r}")
-    layers = _check_indices("layer", layers, model.cfg.n_layers)
-    n_heads = model.cfg.n_kv_heads if spec.kv else model.cfg.n_heads
-    if heads is not None and not spec.per_head:
-        raise InputError(f"site {site!r} has no heads; leave `heads` out")
-    heads = _check_indices("head", heads, n_heads) if spec.per_head else [None]
+    layers, heads = spec.components(model, layers, heads)
     n_pos = batch.clean.shape[1]
     positions = list(range(n_pos)) if per_position else [None]
 
@@ -89,15 +85,9 @@ def activation_patch(
                 if bar:
                     bar.advance(bar.task_ids[0], len(chunk))
 
-    axes = ("layer",) + (("head",) if spec.per_head else ()) + (("pos",) if per_position else ())
-    shape = [len(layers)] + ([len(heads)] if spec.per_head else []) + ([n_pos] if per_position else [])
-    labels = {"layer": [str(layer) for layer in layers]}
-    if spec.per_head:
-        labels["head"] = [str(h) for h in heads]
-    if per_position:
-        labels["pos"] = _position_labels(model, batch)
+    axes, labels = spec.axes(model, batch, layers, heads, per_position)
     return PatchResult(
-        values=values.reshape(shape), axes=axes, labels=labels, site=site, technique="exact",
+        values=values.reshape([len(labels[a]) for a in axes]), axes=axes, labels=labels, site=site, technique="exact",
         metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric,
         model=model.cfg.model_name, n_prompts=len(batch), seconds=time.perf_counter() - start,
     )
@@ -145,22 +135,6 @@ def _variants_per_chunk(model: HookedModel, batch: ContrastiveBatch, memory_mb: 
     c, (b, n_pos) = model.cfg, batch.clean.shape
     floats = b * n_pos * (8 * c.d_model + 3 * c.d_mlp + 2 * c.n_heads * n_pos) + 2 * b * c.d_vocab
     return max(1, memory_mb * 2**20 // (4 * floats))
-
-
-def _check_indices(what: str, given: Sequence[int] | None, n: int) -> list[int]:
-    if given is None:
-        return list(range(n))
-    given = list(given)
-    bad = [i for i in given if not 0 <= i < n]
-    if bad or not given:
-        raise InputError(f"{what}s {bad or given} are out of range; this model has {what}s 0 .. {n - 1}")
-    return given
-
-
-def _position_labels(model: HookedModel, batch: ContrastiveBatch) -> list[str]:
-    if batch.equal_lengths:
-        return [f"{i}:{tok}" for i, tok in enumerate(model.to_str_tokens(batch.clean[0]))]
-    return [str(i) for i in range(batch.clean.shape[1])]
 
 
 def _progress(enabled: bool, total: int, site: str):

@@ -61,12 +61,17 @@ class LayerInputs:
             self._tiled = {k: [self._tile(rest, k) for rest in self.rest]}  # keep one size at a time
         return self._tiled[k]
 
-    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor) -> Tensor:
-        """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab]."""
+    def run_layers(self, hidden: Tensor, start: int, stop: int, k: int) -> Tensor:
+        """Layers start..stop-1 on hidden [k * batch, pos, d_model]; the residual stream after them."""
         layers = self.model.adapter.layer_modules()
-        for layer, (args, kwargs) in zip(layers[start:], self.tiled(k)[start:]):
+        for layer, (args, kwargs) in zip(layers[start:stop], self.tiled(k)[start:stop]):
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # [k * batch, pos, d_model]
+        return hidden
+
+    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor) -> Tensor:
+        """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab]."""
+        hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k)
         b = self.batch_size
         final = hidden.view(k, b, *hidden.shape[1:])[:, torch.arange(b), read_pos]  # [k, batch, d_model]
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]

@@ -8,8 +8,13 @@ k_pos] (its position is the query's).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 from mechscope.errors import InputError
+
+if TYPE_CHECKING:
+    from mechscope.models.hooked import HookedModel
+    from mechscope.tasks.batch import ContrastiveBatch
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,26 @@ class PatchSite:
     @property
     def per_head(self) -> bool:
         return self.head_dim is not None
+
+    def n_heads(self, model: "HookedModel") -> int:
+        return model.cfg.n_kv_heads if self.kv else model.cfg.n_heads
+
+    def components(self, model: "HookedModel", layers: Sequence[int] | None, heads: Sequence[int] | None):
+        """The layers and heads to patch, checked ([None] for heads on a layer-level site)."""
+        layers = _check_indices("layer", layers, model.cfg.n_layers)
+        if heads is not None and not self.per_head:
+            raise InputError(f"site {self.name!r} has no heads; leave `heads` out")
+        return layers, (_check_indices("head", heads, self.n_heads(model)) if self.per_head else [None])
+
+    def axes(self, model: "HookedModel", batch: "ContrastiveBatch", layers: list[int], heads: list, per_position: bool):
+        """A result's axis names and labels."""
+        axes = ("layer",) + (("head",) if self.per_head else ()) + (("pos",) if per_position else ())
+        labels = {"layer": [str(layer) for layer in layers]}
+        if self.per_head:
+            labels["head"] = [str(h) for h in heads]
+        if per_position:
+            labels["pos"] = _position_labels(model, batch)
+        return axes, labels
 
 
 SITES: dict[str, PatchSite] = {
@@ -50,3 +75,19 @@ def patch_site(name: str) -> PatchSite:
     if name not in SITES:
         raise InputError(f"unknown patching site {name!r}; choose one of {', '.join(SITES)}")
     return SITES[name]
+
+
+def _check_indices(what: str, given: Sequence[int] | None, n: int) -> list[int]:
+    if given is None:
+        return list(range(n))
+    given = list(given)
+    bad = [i for i in given if not 0 <= i < n]
+    if bad or not given:
+        raise InputError(f"{what}s {bad or given} are out of range; this model has {what}s 0 .. {n - 1}")
+    return given
+
+
+def _position_labels(model: "HookedModel", batch: "ContrastiveBatch") -> list[str]:
+    if batch.equal_lengths:
+        return [f"{i}:{tok}" for i, tok in enumerate(model.to_str_tokens(batch.clean[0]))]
+    return [str(i) for i in range(batch.clean.shape[1])]
