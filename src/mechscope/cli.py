@@ -125,6 +125,48 @@ def patch(
     console.print(f"wrote {out} ({result.seconds:.1f} s)")
 
 
+@app.command()
+def attribute(
+    model: str = typer.Option(..., help="Model spec: zoo alias, directory, .gguf or hub id."),
+    site: str = typer.Option(..., help="A patching site, as for `mechscope patch`."),
+    out: Path = typer.Option(..., help="Where to write the result JSON."),
+    prompts: Path = typer.Option(None, help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.'),
+    task: str = typer.Option(None, help="A built-in task instead of --prompts: ioi."),
+    n: int = typer.Option(8, help="Prompts to generate for --task."),
+    seed: int = typer.Option(0, help="Seed for --task."),
+    method: str = typer.Option("atp", help="atp, or atp* (QK fix and GradDrop)."),
+    per_position: bool = typer.Option(False, "--per-position", help="One component per position too."),
+    direction: str = typer.Option("denoise", help="denoise (clean into corrupt) or noise (corrupt into clean)."),
+    metric: str = typer.Option("logit_diff", help="logit_diff, answer_prob or kl_div."),
+    verify: int = typer.Option(0, help="Check the top K estimates (and K random others) by exact patching."),
+    top: int = typer.Option(10, help="How many components to print."),
+) -> None:
+    """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes."""
+    from mechscope.errors import MechscopeError
+    from mechscope.patching import attribution_patch
+    from mechscope.patching.diagnostics import verify_top_k
+    from mechscope.patching.sites import patch_site
+
+    try:
+        patch_site(site)
+        if method not in ("atp", "atp*"):
+            raise typer.BadParameter(f"--method must be atp or atp*, not {method!r}")
+        m = _load(model)
+        batch = _batch(m, prompts, task, n, seed)
+        result = attribution_patch(m, batch, sites=[site], method=method, per_position=per_position,
+                                   direction=direction, metric=metric)[site]
+        if verify:
+            check = verify_top_k(m, batch, result, verify)
+            result.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
+            console.print(f"verified: {check}")
+    except MechscopeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    result.to_json(out)
+    _print_top(result, top)
+    console.print(f"wrote {out} ({result.seconds:.1f} s; {result.extra['passes']})")
+
+
 def _load(spec: str):
     from mechscope import load_model
 

@@ -54,3 +54,17 @@ def test_demo_with_an_unreachable_model(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     done = runner.invoke(app, ["demo", "--model", "mechscope-tests/none"])
     assert done.exit_code == 1 and "smollm2-135m" in done.output
+
+
+def test_attribute_writes_json_and_verifies(model_dir, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"clean": "the cat sat", "corrupt": "the rat sat", "answer": "a", "wrong": "b"}))
+    out = tmp_path / "a.json"
+    done = runner.invoke(app, ["attribute", "--model", str(model_dir), "--prompts", str(prompts), "--site", "head_k",
+                               "--method", "atp*", "--verify", "2", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    result = json.loads(out.read_text())
+    assert result["technique"] == "atp*" and result["site"] == "head_k" and result["axes"] == ["layer", "head"]
+    assert len(result["extra"]["verify"]["top"]) == 2 and "graddrop" in result["extra"]
+    for key in ("values", "metric", "clean_metric", "corrupt_metric", "model", "n_prompts", "seconds", "labels"):
+        assert key in result
