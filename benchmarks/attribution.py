@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import statistics
 import time
 
 import torch
@@ -84,7 +83,7 @@ def main() -> None:
     model = load_model(args.model)
     batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=args.seed, model=model, templates=[0]))
     model(batch.corrupt)  # warm up
-    forward = statistics.median(timed(lambda: model(batch.corrupt))[1] for _ in range(5))
+    forward = timed(lambda: model(batch.corrupt), repeats=7)[1]  # the best of 7: robust to load
     print(f"{model}\n{len(batch)} IOI prompts of {batch.clean.shape[1]} tokens; one plain forward {forward:.3f} s\n")
 
     sites = list(HEAD_SITES)

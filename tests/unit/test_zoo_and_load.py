@@ -4,7 +4,6 @@ The real download and dequantization run in tests/real (they take a minute)."""
 
 import hashlib
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
