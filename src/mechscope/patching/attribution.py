@@ -38,7 +38,7 @@ from torch import Tensor
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, read_logits, resolve_metric
 from mechscope.models.hooked import HookedModel
-from mechscope.patching.exact import _variant_mask
+from mechscope.patching.exact import masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
 from mechscope.patching.resume import LayerInputs
 from mechscope.patching.sites import PatchSite, patch_site
@@ -66,8 +66,6 @@ def attribution_patch(
     start = time.perf_counter()
     if method not in ("atp", "atp*"):
         raise InputError(f"method must be 'atp' or 'atp*', not {method!r}")
-    if direction not in ("denoise", "noise"):
-        raise InputError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     specs = [patch_site(s) for s in dict.fromkeys(sites)]
     n_layers = model.cfg.n_layers
     star = method == "atp*"
@@ -76,7 +74,7 @@ def attribution_patch(
     names = list(dict.fromkeys(s.hook_name(l) for s in specs for l in range(n_layers)))
     patterns = [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)] if qk else []
 
-    source, target = (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
+    source, target = batch.source_and_target(direction)
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(source, names_filter=names)
     inputs = LayerInputs(model, len(batch)) if qk else None
@@ -176,7 +174,7 @@ def _qk_fixed(model, inputs: LayerInputs, spec: PatchSite, source_cache, run, dr
         src = source_cache[spec.hook_name(layer)]  # [batch, pos, head or kv_head, d_head]
         per_key = spec.name == "head_k" and per_position
         variants = [(None, p) for p in range(n_pos)] if per_key else [(None, None)]
-        mask = _variant_mask(spec, src.shape[1:], variants)
+        mask = variant_mask(spec, src.shape[1:], variants)
         patched = _patterns_with(model, inputs, layer, spec.hook_name(layer), src, mask)  # [k, batch, head, q, k]
         delta = patched - pattern[None]
         for d in drops:
@@ -197,15 +195,12 @@ def _patterns_with(model, inputs: LayerInputs, layer: int, hook: str, src: Tenso
     k, b = mask.shape[0], inputs.batch_size
     seen = {}
 
-    def write(act, _):
-        rows = act.reshape(k, b, *act.shape[1:])
-        return torch.where(mask[:, None], src[None], rows).reshape(act.shape)
-
     def read(act, _):
         seen["pattern"] = act.reshape(k, b, *act.shape[1:])
 
     hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
-    with torch.no_grad(), model.hooks(fwd_hooks=[(hook, write), (f"blocks.{layer}.attn.hook_pattern", read)]):
+    hooks = [(hook, masked_writer(src, mask, b)), (f"blocks.{layer}.attn.hook_pattern", read)]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         inputs.run_layers(hidden, layer, layer + 1, k)
     return seen["pattern"]
 

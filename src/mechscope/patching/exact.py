@@ -18,7 +18,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mechscope.errors import InputError
 from mechscope.metrics import Metric, read_logits, resolve_metric
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.result import PatchResult
@@ -48,13 +47,11 @@ def activation_patch(
     """
     start = time.perf_counter()
     spec = patch_site(site)
-    if direction not in ("denoise", "noise"):
-        raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), not {direction!r}")
+    source, target = batch.source_and_target(direction)
     layers, heads = spec.components(model, layers, heads)
     n_pos = batch.clean.shape[1]
     positions = list(range(n_pos)) if per_position else [None]
 
-    source, target = (batch.clean, batch.corrupt) if direction == "denoise" else (batch.corrupt, batch.clean)
     hooks = [spec.hook_name(layer) for layer in layers]
     inputs = LayerInputs(model, len(batch))
     with torch.no_grad():
@@ -78,7 +75,7 @@ def activation_patch(
             src = source_cache[hooks[li]]  # [batch, *site shape]
             for i in range(0, len(components), per_chunk):
                 chunk = components[i : i + per_chunk]
-                mask = _variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
+                mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
                 patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
                 for (hi, _, pi, _), value in zip(chunk, patched):
                     values[li, hi, pi] = value - baseline
@@ -95,14 +92,9 @@ def activation_patch(
 
 def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, mask: Tensor) -> Tensor:
     """The mean metric of k patched variants, run as one batch from `layer` on: [k]."""
-    k, b = mask.shape[0], len(batch)
-
-    def write(act: Tensor, _) -> Tensor:
-        rows = act.reshape(k, b, *act.shape[1:])  # [k, batch, *site shape]
-        return torch.where(mask[:, None], src[None], rows).reshape(act.shape)
-
+    k = mask.shape[0]
     hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
-    with model.hooks(fwd_hooks=[(hook, write)]):
+    with model.hooks(fwd_hooks=[(hook, masked_writer(src, mask, len(batch)))]):
         logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
     return _mean_metric(fn, logits, batch)
 
@@ -112,7 +104,19 @@ def _mean_metric(fn: Metric, logits: Tensor, batch: ContrastiveBatch) -> Tensor:
     return torch.stack([fn(variant, batch).float().mean() for variant in logits])
 
 
-def _variant_mask(spec: PatchSite, shape: torch.Size, components: list[tuple[int | None, int | None]]) -> Tensor:
+def masked_writer(src: Tensor, mask: Tensor, batch_size: int):
+    """A hook for k variants stacked on the batch axis: variant j takes the source's activation
+    `src` [batch, *site shape] where mask[j] is set, and keeps its own elsewhere."""
+    k = mask.shape[0]
+
+    def write(act: Tensor, _) -> Tensor:
+        rows = act.reshape(k, batch_size, *act.shape[1:])  # [k, batch, *site shape]
+        return torch.where(mask[:, None], src[None], rows).reshape(act.shape)
+
+    return write
+
+
+def variant_mask(spec: PatchSite, shape: torch.Size, components: list[tuple[int | None, int | None]]) -> Tensor:
     """[k, *shape'] booleans: row j marks component j's head and position (all of a missing one)."""
     mask_shape = [1] * len(shape)
     if spec.per_head:

@@ -59,6 +59,16 @@ class ContrastiveBatch:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
+    def source_and_target(self, direction: str) -> tuple[Tensor, Tensor]:
+        """(the run patched from, the run patched into): denoising patches clean into corrupt,
+        noising corrupt into clean."""
+        if direction == "denoise":
+            return self.clean, self.corrupt
+        if direction == "noise":
+            return self.corrupt, self.clean
+        raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), "
+                         f"not {direction!r}")
+
     @property
     def equal_lengths(self) -> bool:
         return bool((self.read_pos == self.read_pos[0]).all())
