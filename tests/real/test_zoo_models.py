@@ -78,3 +78,18 @@ def test_second_fetch_is_a_no_op(smollm2):
     before = weights.stat().st_mtime_ns
     zoo.fetch("smollm2-135m")
     assert weights.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+def test_dla_and_detectors_on_the_real_model(fixture, request):
+    from mechscope.analysis import direct_logit_attribution, head_scores, logit_lens
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    model = request.getfixturevalue(fixture)
+    batch = ContrastiveBatch.from_records(model, ioi(6, seed=2, model=model))
+    comps = direct_logit_attribution(model, batch, by="component")
+    lens = logit_lens(model, batch)
+    assert comps.values.sum().item() == pytest.approx(lens.values[-1].item(), abs=1e-3)  # RMSNorm: no bias
+    assert lens.values[-1] > 1.0  # both models solve IOI
+    scores = head_scores(model)
+    assert scores["induction"].values.max() > 0.5 and scores["previous_token"].values.max() > 0.5

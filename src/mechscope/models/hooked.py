@@ -193,7 +193,8 @@ class HookedModel:
         ids = self._encode(text, prepend_bos)
         width = max(len(row) for row in ids)
         pad = self.pad_token_id
-        return torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
+        rows = [row + [pad] * (width - len(row)) for row in ids]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)  # long even when empty
 
     def last_positions(self, text: str | list[str], *, prepend_bos: bool | None = None) -> Int[Tensor, " batch"]:
         """Each prompt's last real position in `to_tokens(text)`."""

@@ -1,0 +1,76 @@
+"""Direct logit attribution and the logit lens, on the logit difference answer - wrong.
+
+Direct logit attribution: each component's write to the residual stream, passed through the final
+norm with the scale it had on this forward (`ActivationCache.apply_ln_to_stack`), projected on the
+unembedding direction W_U[:, answer] - W_U[:, wrong] at each prompt's read position. Over a full
+decomposition (embeddings, every attention and MLP output) the parts add up to the logit
+difference, less the final norm's bias.
+
+The logit lens reads the residual stream before each layer as if it were the last: the model's own
+final norm and unembedding, applied to it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from mechscope.models.hooked import HookedModel
+from mechscope.result import Result
+from mechscope.tasks.batch import ContrastiveBatch
+
+
+def _direction(model: HookedModel, batch: ContrastiveBatch) -> Tensor:
+    """W_U[:, answer] - W_U[:, wrong] per prompt: [batch, d_model]."""
+    return (model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]).T
+
+
+def _at_read(stack: Tensor, batch: ContrastiveBatch) -> Tensor:
+    """[component, batch, pos, d_model] -> [component, batch, d_model] at each prompt's read position."""
+    return stack[:, torch.arange(len(batch)), batch.read_pos]
+
+
+def direct_logit_attribution(
+    model: HookedModel, batch: ContrastiveBatch, *, by: str = "head", run: str = "clean"
+) -> Result:
+    """Each head's (by="head": axes layer x head) or each component's (by="component": embed,
+    {l}_attn_out, {l}_mlp_out) direct effect on the logit difference, averaged over prompts."""
+    start = time.perf_counter()
+    if by not in ("head", "component") or run not in ("clean", "corrupt"):
+        raise ValueError(f"by must be 'head' or 'component' and run 'clean' or 'corrupt'; got {by!r}, {run!r}")
+    tokens = batch.clean if run == "clean" else batch.corrupt
+    wanted = ("hook_z", "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_scale")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(wanted))
+        if by == "head":
+            stack, labels = cache.stack_head_results(return_labels=True, apply_ln=True)
+        else:
+            stack, labels = cache.decompose_resid(return_labels=True, apply_ln=True)
+        per_prompt = (_at_read(stack, batch) * _direction(model, batch)).sum(-1)  # [component, batch]
+    values = per_prompt.float().mean(-1)
+    if by == "head":
+        values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)
+        axes, label_map = ("layer", "head"), {"layer": [str(l) for l in range(model.cfg.n_layers)],
+                                              "head": [str(h) for h in range(model.cfg.n_heads)]}
+    else:
+        axes, label_map = ("component",), {"component": labels}
+    return Result(values=values, axes=axes, labels=label_map, technique=f"dla ({run})", model=model.cfg.model_name,
+                  n_prompts=len(batch), seconds=time.perf_counter() - start)
+
+
+def logit_lens(model: HookedModel, batch: ContrastiveBatch, *, run: str = "clean") -> Result:
+    """The logit difference read from the residual stream before each layer (and after the last)
+    through the model's own final norm and unembedding, averaged over prompts: axes (layer,)."""
+    start = time.perf_counter()
+    tokens = batch.clean if run == "clean" else batch.corrupt
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_resid_post")))
+        stack, labels = cache.accumulated_resid(return_labels=True)  # [layer + 1, batch, pos, d_model]
+        logits = model.logits_from_resid(_at_read(stack, batch))  # [layer + 1, batch, d_vocab]
+        index = torch.arange(len(batch))
+        diff = logits[:, index, batch.answer] - logits[:, index, batch.wrong]  # [layer + 1, batch]
+    return Result(values=diff.float().mean(-1), axes=("layer",), labels={"layer": labels},
+                  technique=f"logit lens ({run})", model=model.cfg.model_name, n_prompts=len(batch),
+                  seconds=time.perf_counter() - start)
