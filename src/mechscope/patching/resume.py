@@ -29,11 +29,14 @@ class LayerInputs:
 
     @contextmanager
     def recording(self) -> Iterator["LayerInputs"]:
+        from transformers.cache_utils import Cache
+
         def record(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self.resid.append(hidden.detach())
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            self.rest.append((tuple(args[1:]), rest))
+            # A KV cache belongs to the recorded run: replayed, it would grow with every call.
+            rest = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items() if k != "hidden_states"}
+            self.rest.append((tuple(None if isinstance(a, Cache) else a for a in args[1:]), rest))
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.model.adapter.layer_modules()]
         try:

@@ -1,0 +1,151 @@
+"""Path patching (Wang et al. 2022, Appendix B): the effect of one sender head on the metric through
+chosen receivers only.
+
+For each sender head s:
+1. run the target with every head's output (hook_z) frozen to its value on the target run, except
+   s, which takes its value on the source run; MLPs are recomputed. Record what the receivers get:
+   the final residual stream (receivers="logits"), or the q, k or v input of the receiver heads.
+2. for head receivers, run the target again with only those inputs patched to the recorded values
+   (at every position, or at each prompt's read position) and measure the metric.
+
+The paper patches senders to their values on the corrupted (ABC) distribution inside clean runs:
+that is direction="noise", the default here. Senders run as one batch per layer, resuming from
+the target's residual stream at the sender's layer, like the exact engine.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from mechscope.errors import InputError
+from mechscope.metrics import Metric, read_logits, resolve_metric
+from mechscope.models.hooked import HookedModel
+from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
+from mechscope.patching.result import PatchResult
+from mechscope.patching.resume import LayerInputs
+from mechscope.patching.sites import SITES
+from mechscope.tasks.batch import ContrastiveBatch
+
+
+def path_patch(
+    model: HookedModel,
+    batch: ContrastiveBatch,
+    *,
+    receivers: str | Sequence[tuple[int, int]] = "logits",
+    receiver_input: str = "q",
+    at: str = "all",
+    metric: str | Metric = "logit_diff",
+    direction: str = "noise",
+) -> PatchResult:
+    """Effect of every sender head (layer x head, for the layers before the last receiver) on the
+    metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
+
+    receivers: "logits" (the final residual stream) or [(layer, head), ...] whose `receiver_input`
+    ("q", "k" or "v"; k and v name key/value heads) is patched, at every position (`at="all"`) or
+    at each prompt's read position (`at="read"`).
+    """
+    start = time.perf_counter()
+    source, target = batch.source_and_target(direction)
+    cfg = model.cfg
+    to_logits = receivers == "logits"
+    if not to_logits:
+        receivers = [tuple(r) for r in receivers]
+        if receiver_input not in ("q", "k", "v") or at not in ("all", "read") or not receivers:
+            raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all' or 'read', and at least one head")
+        n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
+        bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
+        if bad:
+            raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
+                             f"{receiver_input} heads)")
+    last = cfg.n_layers if to_logits else max(layer for layer, _ in receivers)
+    sender_layers = list(range(last))
+    if not sender_layers:
+        raise InputError("no head sits before the receivers: choose receivers in a later layer")
+
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
+    recv_names = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if not to_logits else []
+    inputs = LayerInputs(model, len(batch))
+    with torch.no_grad():
+        source_logits, source_cache = model.run_with_cache(source, names_filter=z_names)
+        with inputs.recording():
+            target_logits, target_cache = model.run_with_cache(target, names_filter=z_names + recv_names)
+    clean_logits = target_logits if direction == "noise" else source_logits
+    name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
+    baseline = _mean_metric(fn, read_logits(target_logits, batch)[None], batch).item()
+    source_metric = _mean_metric(fn, read_logits(source_logits, batch)[None], batch).item()
+    clean_metric, corrupt_metric = (baseline, source_metric) if direction == "noise" else (source_metric, baseline)
+
+    values = torch.zeros(len(sender_layers), cfg.n_heads)
+    with torch.no_grad():
+        for layer in sender_layers:
+            k = cfg.n_heads  # one variant per sender head of this layer
+            frozen = _freeze_hooks(model, layer, k, len(batch), source_cache, target_cache)
+            hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
+            if to_logits:
+                with model.hooks(fwd_hooks=frozen):
+                    logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
+            else:
+                recorded = {n: target_cache[n].repeat(k, *([1] * (target_cache[n].ndim - 1))) for n in recv_names}
+
+                def record(act, hook, recorded=recorded):
+                    recorded[hook.name] = act.detach().clone()
+
+                with model.hooks(fwd_hooks=frozen + [(n, record) for n in recv_names]):
+                    inputs.run_layers(hidden, layer, last + 1, k)
+                logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k)
+            values[layer] = _mean_metric(fn, logits, batch) - baseline
+
+    labels = {"layer": [str(l) for l in sender_layers], "head": [str(h) for h in range(cfg.n_heads)]}
+    receiver_text = "logits" if to_logits else [f"{l}.{h}" for l, h in receivers]
+    return PatchResult(
+        values=values, axes=("layer", "head"), labels=labels, site="head_z", technique="path",
+        metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric,
+        model=cfg.model_name, n_prompts=len(batch), seconds=time.perf_counter() - start,
+        extra={"receivers": receiver_text, "receiver_input": None if to_logits else receiver_input, "at": at},
+    )
+
+
+def _freeze_hooks(model, layer: int, k: int, b: int, source_cache, target_cache) -> list:
+    """Variant j: head j of `layer` takes the source's z; every head of every later layer keeps the
+    target's z (frozen), whatever the sender changed upstream of it."""
+    hooks = []
+    spec = SITES["head_z"]
+    for l in range(layer, model.cfg.n_layers):
+        name = f"blocks.{l}.attn.hook_z"
+        z_target = target_cache[name]  # [batch, pos, head, d_head]
+        if l == layer:
+            mask = variant_mask(spec, z_target.shape[1:], [(h, None) for h in range(k)])
+            hooks.append((name, masked_writer(source_cache[name], mask, b)))
+        else:
+            hooks.append((name, lambda act, hook, z=z_target: z.repeat(k, 1, 1, 1)))
+    return hooks
+
+
+def _into_receivers(model, inputs: LayerInputs, batch, receivers, receiver_input, at, recorded, k) -> Tensor:
+    """Step 2: the target again, with the receivers' inputs set to what step 1 recorded: [k, batch, d_vocab]."""
+    b = len(batch)
+    first = min(layer for layer, _ in receivers)
+    hooks = []
+    for name, value in recorded.items():
+        layer = int(name.split(".")[1])
+        heads = [h for l, h in receivers if l == layer]
+
+        def write(act, hook, value=value, heads=heads):
+            out = act.clone()  # [k * batch, pos, head, d_head]
+            if at == "all":
+                out[:, :, heads] = value[:, :, heads]
+            else:
+                rows = torch.arange(k * b)
+                pos = batch.read_pos.repeat(k)
+                for h in heads:
+                    out[rows, pos, h] = value[rows, pos, h]
+            return out
+
+        hooks.append((name, write))
+    hidden = inputs.resid[first].repeat(k, 1, 1)  # [k * batch, pos, d_model]
+    with model.hooks(fwd_hooks=hooks):
+        return inputs.run(hidden, first, k, batch.read_pos)

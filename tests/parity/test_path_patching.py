@@ -1,0 +1,99 @@
+"""Fast path patching equals a literal implementation of Wang et al.'s Appendix B."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from mechscope import InputError
+from mechscope.metrics import logit_diff, read_logits
+from mechscope.patching.path import path_patch
+from mechscope.tasks import ContrastiveBatch
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def tiny_batch(model) -> ContrastiveBatch:
+    return ContrastiveBatch.from_pairs(model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"],
+                                       ["a", "b"], ["c", "d"])
+
+
+def literal_path_patch(model, batch, receivers, receiver_input, at, direction):
+    """Two full forwards per sender, exactly as the paper describes them."""
+    source, target = batch.source_and_target(direction)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    z = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    recv = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if receivers != "logits" else []
+    _, src = model.run_with_cache(source, names_filter=z)
+    _, tgt = model.run_with_cache(target, names_filter=z + recv)
+    metric = lambda logits: logit_diff(read_logits(logits, batch), batch).mean()  # noqa: E731
+    base = metric(model(target))
+    last = n_layers if receivers == "logits" else max(l for l, _ in receivers)
+    out = torch.zeros(last, n_heads)
+    for layer in range(last):
+        for head in range(n_heads):
+            def freeze(act, hook):  # every head keeps its target value, but the sender
+                frozen = tgt[hook.name].clone()
+                if hook.layer == layer:
+                    frozen[:, :, head] = src[hook.name][:, :, head]
+                return frozen
+
+            recorded = {}
+            step1 = model.run_with_hooks(target, fwd_hooks=[(n, freeze) for n in z] +
+                                         [(n, lambda a, h: recorded.__setitem__(h.name, a.clone())) for n in recv])
+            if receivers == "logits":
+                out[layer, head] = metric(step1) - base
+                continue
+
+            def write(act, hook):
+                act = act.clone()
+                for l, h in receivers:
+                    if l != hook.layer:
+                        continue
+                    if at == "all":
+                        act[:, :, h] = recorded[hook.name][:, :, h]
+                    else:
+                        for b, p in enumerate(batch.read_pos.tolist()):
+                            act[b, p, h] = recorded[hook.name][b, p, h]
+                return act
+
+            out[layer, head] = metric(model.run_with_hooks(target, fwd_hooks=[(n, write) for n in recv])) - base
+    return out
+
+
+CASES = [("logits", "q", "all", "noise"), ([(2, 1)], "q", "all", "noise"), ([(2, 0), (1, 3)], "q", "read", "noise"),
+         ([(2, 0)], "k", "read", "denoise"), ([(1, 0), (2, 0)], "v", "all", "denoise")]  # kv head 0: qwen2 has one
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("receivers, receiver_input, at, direction", CASES)
+def test_fast_path_patching_equals_the_literal_method(family, receivers, receiver_input, at, direction):
+    model = tiny_model(family)
+    batch = tiny_batch(model)
+    fast = path_patch(model, batch, receivers=receivers, receiver_input=receiver_input, at=at, direction=direction)
+    slow = literal_path_patch(model, batch, receivers, receiver_input, at, direction)
+    torch.testing.assert_close(fast.values, slow, atol=1e-5, rtol=0)
+    assert fast.values.abs().max() > 1e-4 and fast.technique == "path"
+
+
+def test_senders_after_a_receiver_reach_it_not(tmp_path):
+    """A sender in the receiver's own layer cannot change that receiver's input."""
+    model = tiny_model("llama-gqa")
+    result = path_patch(model, tiny_batch(model), receivers=[(2, 1)], receiver_input="q")
+    assert result.values.shape == (2, model.cfg.n_heads)  # senders in layers 0 and 1 only
+    again = result.from_json(result.to_json(tmp_path / "p.json"))
+    assert again.extra["receivers"] == ["2.1"] and torch.equal(again.values, result.values)
+
+
+def test_bad_receivers():
+    model = tiny_model("llama-gqa")
+    batch = tiny_batch(model)
+    with pytest.raises(InputError, match=r"receivers \[\(2, 5\)\] are not heads"):
+        path_patch(model, batch, receivers=[(2, 5)], receiver_input="k")  # 2 key/value heads
+    with pytest.raises(InputError, match="no head sits before the receivers"):
+        path_patch(model, batch, receivers=[(0, 1)])
+    with pytest.raises(InputError, match="receiver_input 'q', 'k' or 'v'"):
+        path_patch(model, batch, receivers=[(2, 1)], receiver_input="z")
