@@ -70,6 +70,22 @@ def tiny_model(name: str, seed: int = 0) -> HookedModel:
     return HookedModel(tiny_hf(name, seed), byte_tokenizer())
 
 
+def tiny_batch(model: HookedModel):
+    """Two clean/corrupt pairs of different lengths (right-padded), differing at a few positions."""
+    from mechscope.tasks import ContrastiveBatch
+
+    return ContrastiveBatch.from_pairs(
+        model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"], ["a", "b"], ["c", "d"]
+    )
+
+
+@pytest.fixture
+def no_grad():
+    """Use with `pytestmark = pytest.mark.usefixtures("no_grad")` in modules that never need gradients."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

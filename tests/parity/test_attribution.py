@@ -5,21 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_hf, tiny_model
+from conftest import byte_tokenizer, tiny_batch, tiny_hf, tiny_model
 from mechscope import HookedModel
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.patching import activation_patch, attribution_patch
 from mechscope.patching.attribution import _target_pass
 from mechscope.patching.diagnostics import compare, verify_top_k
-from mechscope.tasks import ContrastiveBatch
 
 LINEAR_FAMILIES = ["gpt2", "neox", "llama-gqa", "qwen2"]  # Gemma's post-attention norm is never linear
-
-
-def tiny_batch(model) -> ContrastiveBatch:
-    return ContrastiveBatch.from_pairs(
-        model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"], ["a", "b"], ["c", "d"]
-    )
 
 
 def linear_model(family: str) -> HookedModel:
@@ -35,8 +28,6 @@ def linear_model(family: str) -> HookedModel:
         a.module(a.down_proj, 0).weight.zero_()
     parent, _, name = a.final_norm.rpartition(".")
     setattr(hf.get_submodule(parent), name, nn.Identity())
-    from conftest import byte_tokenizer
-
     return HookedModel(hf, byte_tokenizer())
 
 

@@ -5,12 +5,7 @@ import torch
 from conftest import tiny_hf, tiny_model
 from mechscope import HookedModel
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _names(model: HookedModel, *, pattern: bool) -> list[str]:

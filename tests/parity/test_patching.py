@@ -4,23 +4,12 @@ site and direction, with prompts of different lengths in one batch."""
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_batch, tiny_model
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.patching import SITES, activation_patch
 from mechscope.tasks import ContrastiveBatch
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def tiny_batch(model) -> ContrastiveBatch:
-    """Two pairs of different lengths (right-padded), differing at a few positions."""
-    return ContrastiveBatch.from_pairs(
-        model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"], ["a", "b"], ["c", "d"]
-    )
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def naive_patch(model, batch, site, direction, per_position):

@@ -3,22 +3,12 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_batch, tiny_model
 from mechscope import InputError
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.patching.path import path_patch
-from mechscope.tasks import ContrastiveBatch
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def tiny_batch(model) -> ContrastiveBatch:
-    return ContrastiveBatch.from_pairs(model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"],
-                                       ["a", "b"], ["c", "d"])
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def literal_path_patch(model, batch, receivers, receiver_input, at, direction):

@@ -1,19 +1,13 @@
 """Exact patching on smollm2-135m: the fast engine equals one full forward per component."""
 
 import pytest
-import torch
 
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.patching import activation_patch
 from mechscope.tasks import ContrastiveBatch, ioi
 
-pytestmark = pytest.mark.real
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad")]
 
 
 @pytest.mark.parametrize("site, per_position", [("head_z", False), ("head_k", False), ("resid_pre", True)])

@@ -3,20 +3,13 @@
 import pytest
 import torch
 
+from conftest import tiny_batch
+
 from mechscope.analysis import direct_logit_attribution, head_scores, logit_lens
 from mechscope.metrics import logit_diff, read_logits
-from mechscope.tasks import ContrastiveBatch, induction
+from mechscope.tasks import induction
 
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-def tiny_batch(model) -> ContrastiveBatch:
-    return ContrastiveBatch.from_pairs(model, ["the cat sat", "a dog ran far"], ["the rat sat", "a fox ran off"],
-                                       ["a", "b"], ["c", "d"])
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _norm_bias_term(model, batch) -> float:

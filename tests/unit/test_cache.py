@@ -3,12 +3,7 @@
 import pytest
 import torch
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def test_indexing(model, tokens):

@@ -150,14 +150,3 @@ def test_tokens_helpers():
         model.to_single_token("ab")
     assert torch.equal(model("ab"), model(model.to_tokens("ab")))
 
-
-def test_clean_corrupt_pairs_must_have_equal_lengths():
-    from mechscope.tasks import tokenize_pairs
-
-    model = tiny_model("gpt2")
-    clean, corrupt, last = tokenize_pairs(model, ["ab", "abcd"], ["xy", "wxyz"])
-    assert clean.shape == corrupt.shape == (2, 4) and last.tolist() == [1, 3]
-    with pytest.raises(InputError, match=r"pair 1: the clean prompt is 4 tokens and the corrupt one 3"):
-        tokenize_pairs(model, ["ab", "abcd"], ["xy", "xyz"])
-    with pytest.raises(InputError, match="2 clean prompts but 1 corrupt"):
-        tokenize_pairs(model, ["ab", "cd"], ["xy"])
