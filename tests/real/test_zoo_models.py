@@ -93,3 +93,15 @@ def test_dla_and_detectors_on_the_real_model(fixture, request):
     assert lens.values[-1] > 1.0  # both models solve IOI
     scores = head_scores(model)
     assert scores["induction"].values.max() > 0.5 and scores["previous_token"].values.max() > 0.5
+
+
+def test_knockouts_on_the_real_model(smollm2):
+    from mechscope.analysis.circuit import faithfulness
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    batch = ContrastiveBatch.from_records(smollm2, ioi(20, seed=1, model=smollm2))
+    assert batch.groups is not None and len(set(batch.groups)) > 5
+    every = [(l, h) for l in range(smollm2.cfg.n_layers) for h in range(smollm2.cfg.n_heads)]
+    assert faithfulness(smollm2, batch, every).ratio == pytest.approx(1.0, abs=1e-5)
+    empty = faithfulness(smollm2, batch, [])
+    assert empty.model_logit_diff > 2.0 and abs(empty.ratio) < 0.3  # no head left to carry the names

@@ -48,16 +48,33 @@ def test_batch_from_jsonl_names_the_bad_line(model, tmp_path):
 
 
 def test_ioi_generator(model):
-    records = ioi(20, seed=3)
-    assert records == ioi(20, seed=3) and records != ioi(20, seed=4)
+    import re
+
+    from mechscope.tasks.ioi import ABBA, BABA, NAMES
+
+    assert len(BABA) == len(ABBA) == 15 and len(NAMES) >= 50
+    records = ioi(40, seed=3)
+    assert records == ioi(40, seed=3) and records != ioi(40, seed=4)
+    count = lambda name, text: len(re.findall(re.escape(name) + r"\b", text))  # noqa: E731 - " Dan" is in " Daniel"
     for r in records:
-        io, s = r["answer"], r["wrong"]
-        assert io != s and r["clean"].count(s) == 2 and r["clean"].count(io) == 1
-        assert io not in r["corrupt"] and s not in r["corrupt"]  # ABC: three other names
+        io, s, clean = r["answer"], r["wrong"], r["clean"]
+        assert io != s and count(s, clean) == 2 and count(io, clean) == 1
+        assert count(io, r["corrupt"]) == 0 and count(s, r["corrupt"]) == 0  # ABC: three other names
+        order = r["template"].split("-")[0]  # BABA: the subject comes first
+        assert (clean.index(s) < clean.index(io)) == (order == "BABA")
+    assert {r["template"].split("-")[0] for r in records} == {"BABA", "ABBA"}
+    for r in ioi(20, seed=1, corrupt="flip"):  # S2 replaced by IO
+        assert count(r["answer"], r["corrupt"]) == 2 and count(r["wrong"], r["corrupt"]) == 1
+    assert all(r["clean"].startswith("Then,") and r["template"] == "BABA-0" for r in ioi(5, templates=[0]))
+    batch = ContrastiveBatch.from_records(model, [{"clean": "ab", "corrupt": "cd", "answer": "a", "wrong": "b",
+                                                   "template": "BABA-1"}])
+    assert batch.groups == ("BABA-1",)
     with pytest.raises(InputError, match="too few single-token names"):
         ioi(2, model=model)  # a byte tokenizer has no single-token names (equal lengths: tests/real)
-    same = ioi(5, seed=0, templates=[0])
-    assert all(r["clean"].startswith("When") and r["clean"].endswith("gave a" + r["clean"].split("gave a")[1]) for r in same)
+    with pytest.raises(InputError, match="unknown templates"):
+        ioi(2, templates=["CBBA-1"])
+    with pytest.raises(InputError, match="corrupt must be"):
+        ioi(2, corrupt="swap")
 
 
 def test_metrics(model):

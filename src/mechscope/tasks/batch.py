@@ -55,6 +55,7 @@ class ContrastiveBatch:
     read_pos: Int[Tensor, " batch"]
     clean_prompts: tuple[str, ...]
     corrupt_prompts: tuple[str, ...]
+    groups: tuple[str, ...] | None = None  # e.g. each prompt's template, for per-group statistics
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -83,6 +84,7 @@ class ContrastiveBatch:
         wrongs: Sequence[str],
         *,
         where: Sequence[str] | None = None,
+        groups: Sequence[str] | None = None,
     ) -> "ContrastiveBatch":
         """Answers are single tokens, written as they follow the prompt (usually with a leading space)."""
         if not len(answers) == len(wrongs) == len(clean):
@@ -105,19 +107,21 @@ class ContrastiveBatch:
             read_pos=read_pos,
             clean_prompts=tuple(clean),
             corrupt_prompts=tuple(corrupt),
+            groups=None if groups is None else tuple(groups),
         )
 
     @classmethod
     def from_records(cls, model: "HookedModel", records: Iterable[dict], *, where: Sequence[str] | None = None):
-        """From dicts with keys clean, corrupt, answer, wrong."""
+        """From dicts with keys clean, corrupt, answer, wrong (and optionally template: the group)."""
         records = list(records)
         for i, r in enumerate(records):
             missing = {"clean", "corrupt", "answer", "wrong"} - set(r)
             if missing:
                 raise InputError(f"{where[i] if where else f'record {i}'}: missing {', '.join(sorted(missing))}; "
                                  'each needs {"clean", "corrupt", "answer", "wrong"}')
+        groups = [r["template"] for r in records] if all("template" in r for r in records) else None
         return cls.from_pairs(model, *([r[k] for r in records] for k in ("clean", "corrupt", "answer", "wrong")),
-                              where=where)
+                              where=where, groups=groups)
 
     @classmethod
     def from_jsonl(cls, model: "HookedModel", path: str | Path) -> "ContrastiveBatch":

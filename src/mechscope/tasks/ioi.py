@@ -1,10 +1,12 @@
-"""A minimal, seedable IOI generator (Wang et al. 2022). The paper-style generator with all its
-templates and corrupted distributions is the IOI study's; this one serves patching.
+"""The IOI dataset of Wang et al. 2022, paper style: 15 BABA templates and their ABBA twins.
 
-Clean: "When Mary and John went to the store, John gave a drink to" -> answer " Mary" (the indirect
-object), wrong " John" (the subject). Corrupt "abc": the three names replaced by three other names,
-as in the paper's ABC distribution, so the corrupt prompt carries no information about which of
-Mary and John is the answer.
+Clean: "Then, John and Mary went to the store. John gave a drink to" -> answer " Mary" (the
+indirect object, IO), wrong " John" (the subject, S, named twice: S1 and S2). Corruptions:
+- "abc": IO, S1 and S2 replaced by three other names (the paper's ABC distribution): the corrupt
+  prompt says nothing about which of the clean names is the answer;
+- "flip": S2 replaced by IO, so the repeated name is the other one.
+Each record names its template ("BABA-3", "ABBA-3", ...) so that analyses can group by it (the
+paper's mean ablations are taken per template).
 """
 
 from __future__ import annotations
@@ -17,17 +19,42 @@ from mechscope.errors import InputError
 if TYPE_CHECKING:
     from mechscope.models.hooked import HookedModel
 
-TEMPLATES = (  # IO: indirect object, S1 / S2: the subject's two mentions, P: place, O: object
-    "When{IO} and{S1} went to the{P},{S2} gave a{O} to",
-    "After{IO} and{S1} went to the{P},{S2} gave a{O} to",
-    "While{IO} and{S1} were working at the{P},{S2} gave a{O} to",
-    "When{IO} and{S1} got a{O} at the{P},{S2} decided to give it to",
-    "Then,{IO} and{S1} went to the{P}, and{S2} handed a{O} to",
+# BABA: the subject is named first. {S1} / {S2}: the subject's two mentions, {IO}: the indirect object.
+BABA = (
+    "Then,{S1} and{IO} went to the{P}.{S2} gave a{O} to",
+    "Then,{S1} and{IO} had a lot of fun at the{P}.{S2} gave a{O} to",
+    "Then,{S1} and{IO} were working at the{P}.{S2} decided to give a{O} to",
+    "Then,{S1} and{IO} were thinking about going to the{P}.{S2} wanted to give a{O} to",
+    "Then,{S1} and{IO} had a long argument, and afterwards{S2} said to",
+    "After{S1} and{IO} went to the{P},{S2} gave a{O} to",
+    "When{S1} and{IO} got a{O} at the{P},{S2} decided to give it to",
+    "When{S1} and{IO} got a{O} at the{P},{S2} decided to give the{O} to",
+    "While{S1} and{IO} were working at the{P},{S2} gave a{O} to",
+    "While{S1} and{IO} were commuting to the{P},{S2} gave a{O} to",
+    "After the lunch,{S1} and{IO} went to the{P}.{S2} gave a{O} to",
+    "Afterwards,{S1} and{IO} went to the{P}.{S2} gave a{O} to",
+    "Then,{S1} and{IO} had a long argument. Afterwards{S2} said to",
+    "The{P}{S1} and{IO} went to had a{O}.{S2} gave it to",
+    "Friends{S1} and{IO} found a{O} at the{P}.{S2} gave it to",
 )
-NAMES = (" Mary", " John", " Tom", " James", " Sarah", " Paul", " Lisa", " David", " Anna", " Mark",
-         " Emma", " Peter", " Kate", " Daniel", " Laura", " Michael", " Alice", " Robert", " Jane", " Chris")
-PLACES = (" store", " park", " school", " office", " garden", " station", " hospital", " restaurant")
-OBJECTS = (" drink", " book", " ball", " letter", " gift", " key", " phone", " bag")
+# ABBA twins: the indirect object is named first.
+ABBA = tuple(t.replace("{S1} and{IO}", "{IO} and{S1}", 1) for t in BABA)
+TEMPLATES = {**{f"BABA-{i}": t for i, t in enumerate(BABA)}, **{f"ABBA-{i}": t for i, t in enumerate(ABBA)}}
+
+NAMES = (" Mary", " John", " Tom", " James", " Sarah", " Paul", " Lisa", " David", " Anna", " Mark", " Emma",
+         " Peter", " Kate", " Daniel", " Laura", " Michael", " Alice", " Robert", " Jane", " Chris", " Richard",
+         " Thomas", " Charles", " Joseph", " Steven", " George", " Edward", " Brian", " Kevin", " Jason",
+         " Matthew", " Gary", " Eric", " Andrew", " Ryan", " Jacob", " Nicholas", " Jonathan", " Justin",
+         " Scott", " Frank", " Adam", " Patrick", " Jack", " Dennis", " Jerry", " Aaron", " Henry", " Carl",
+         " Arthur", " Roger", " Joe", " Juan", " Albert", " Fred", " Sam", " Ben", " Max", " Leo", " Ian",
+         " Susan", " Karen", " Nancy", " Betty", " Helen", " Sandra", " Donna", " Carol", " Ruth", " Sharon",
+         " Michelle", " Maria", " Amy", " Emily", " Rachel", " Julie", " Anne", " Diana", " Grace", " Rose",
+         " Alex", " Amanda", " Jessica", " Rebecca", " Nicole", " Victoria", " Claire", " Sophie", " Lucy",
+         " Megan", " Hannah", " Kelly", " Jenny", " Eva", " Nina", " Sara", " Tim", " Dan", " Bob", " Bill")
+PLACES = (" store", " garden", " restaurant", " school", " hospital", " office", " house", " station", " park",
+          " market", " library", " beach")
+OBJECTS = (" ring", " kiss", " bone", " basketball", " computer", " necklace", " drink", " snack", " book",
+           " ball", " letter", " gift", " key", " phone", " bag")
 
 
 def ioi(
@@ -35,30 +62,38 @@ def ioi(
     *,
     seed: int = 0,
     model: "HookedModel | None" = None,
-    templates: Sequence[int] | None = None,
+    templates: Sequence[str | int] | None = None,
+    corrupt: str = "abc",
 ) -> list[dict[str, str]]:
-    """n IOI records {"clean", "corrupt", "answer", "wrong"} (for `ContrastiveBatch.from_records`).
+    """n IOI records {"clean", "corrupt", "answer", "wrong", "template"} for
+    `ContrastiveBatch.from_records`.
 
-    With a model, only names and words that are one token for its tokenizer are used, so each
-    clean/corrupt pair has equal length. `templates` picks template indices (default: all), e.g.
-    `templates=[0]` for prompts of equal length."""
-    rng = random.Random(seed)
+    templates: names ("BABA-0", "ABBA-5"; default: all 30) or indices into the BABA list (then
+    BABA only); `templates=[0]` gives prompts of equal length. With a model, only names, places
+    and objects that are one token for its tokenizer are used, and every pair is checked to have
+    equal length. corrupt: "abc" or "flip".
+    """
+    if corrupt not in ("abc", "flip"):
+        raise InputError(f"corrupt must be 'abc' (three other names) or 'flip' (S2 replaced by IO), not {corrupt!r}")
+    chosen = list(TEMPLATES) if templates is None else [t if isinstance(t, str) else f"BABA-{t}" for t in templates]
+    unknown = [t for t in chosen if t not in TEMPLATES]
+    if unknown:
+        raise InputError(f"unknown templates {unknown}; they are BABA-0 .. BABA-14 and ABBA-0 .. ABBA-14")
     single = (lambda w: len(model.to_str_tokens(w, prepend_bos=False)) == 1) if model else (lambda w: True)
     names = [w for w in NAMES if single(w)]
-    places = [w for w in PLACES if single(w)]
-    objects = [w for w in OBJECTS if single(w)]
+    places, objects = [w for w in PLACES if single(w)], [w for w in OBJECTS if single(w)]
     if len(names) < 5 or not places or not objects:
         raise InputError("too few single-token names, places or objects for this tokenizer")
-    chosen = [TEMPLATES[i] for i in (templates if templates is not None else range(len(TEMPLATES)))]
+    rng = random.Random(seed)
     records = []
     for _ in range(n):
         template = rng.choice(chosen)
-        place, obj = rng.choice(places), rng.choice(objects)
-        a, b, c, d, e = rng.sample(names, 5)
-        records.append({
-            "clean": template.format(IO=a, S1=b, S2=b, P=place, O=obj),
-            "corrupt": template.format(IO=c, S1=d, S2=e, P=place, O=obj),
-            "answer": a,
-            "wrong": b,
-        })
+        text, place, obj = TEMPLATES[template], rng.choice(places), rng.choice(objects)
+        io, s, c, d, e = rng.sample(names, 5)
+        clean = text.format(IO=io, S1=s, S2=s, P=place, O=obj)
+        bad = text.format(IO=c, S1=d, S2=e, P=place, O=obj) if corrupt == "abc" else \
+            text.format(IO=io, S1=s, S2=io, P=place, O=obj)
+        if model is not None and len(model.to_str_tokens(clean)) != len(model.to_str_tokens(bad)):
+            raise InputError(f"template {template} gives pairs of different lengths: {clean!r} / {bad!r}")
+        records.append({"clean": clean, "corrupt": bad, "answer": io, "wrong": s, "template": template})
     return records

@@ -1,0 +1,62 @@
+"""Knockout by mean ablation per template, and faithfulness."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from mechscope import InputError
+from mechscope.analysis.circuit import faithfulness, group_means, parse_heads
+from mechscope.metrics import logit_diff, read_logits
+from mechscope.tasks import ContrastiveBatch
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+
+
+def grouped_batch(model) -> ContrastiveBatch:
+    """Two templates, two prompts each (equal lengths within a template)."""
+    records = [
+        {"clean": "ab cd", "corrupt": "xy zw", "answer": "a", "wrong": "b", "template": "T1"},
+        {"clean": "ef gh", "corrupt": "uv st", "answer": "c", "wrong": "d", "template": "T1"},
+        {"clean": "one two!", "corrupt": "six ten?", "answer": "e", "wrong": "f", "template": "T2"},
+        {"clean": "red fox.", "corrupt": "big cat,", "answer": "g", "wrong": "h", "template": "T2"},
+    ]
+    return ContrastiveBatch.from_records(model, records)
+
+
+def test_group_means_are_per_template_and_position(model):
+    batch = grouped_batch(model)
+    means = group_means(model, batch)
+    _, cache = model.run_with_cache(batch.corrupt, names_filter=lambda n: n.endswith("hook_z"))
+    z = cache["z", 1]
+    torch.testing.assert_close(means["blocks.1.attn.hook_z"][0], z[:2].mean(0))
+    torch.testing.assert_close(means["blocks.1.attn.hook_z"][3], z[2:].mean(0))
+
+
+def test_faithfulness_against_a_literal_knockout(model):
+    batch = grouped_batch(model)
+    circuit = ["1.2", (2, 0)]
+    result = faithfulness(model, batch, circuit)
+    _, cache = model.run_with_cache(batch.corrupt, names_filter=lambda n: n.endswith("hook_z"))
+
+    def knock(act, hook):  # literal: every prompt, every head outside the circuit, its template's mean
+        act = act.clone()
+        for i, group in enumerate(batch.groups):
+            rows = [j for j, g in enumerate(batch.groups) if g == group]
+            for h in range(model.cfg.n_heads):
+                if (hook.layer, h) not in {(1, 2), (2, 0)}:
+                    act[i, :, h] = cache[hook.name][rows, :, h].mean(0)
+        return act
+
+    logits = model.run_with_hooks(batch.clean, fwd_hooks=[(lambda n: n.endswith("hook_z"), knock)])
+    expected = logit_diff(read_logits(logits, batch), batch).mean().item()
+    assert result.circuit_logit_diff == pytest.approx(expected, abs=1e-5)
+    assert result.n_heads == 2 and result.ratio == pytest.approx(expected / result.model_logit_diff)
+    whole = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    assert faithfulness(model, batch, whole).ratio == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bad_heads():
+    model = tiny_model("gpt2")
+    assert parse_heads(["0.1", (2, 3)]) == {(0, 1), (2, 3)}
+    with pytest.raises(InputError, match=r"heads \[\(9, 0\)\] are not in this model"):
+        faithfulness(model, grouped_batch(model), ["9.0"])
