@@ -68,6 +68,7 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
 
     from mechscope import load_model
     from mechscope.errors import MechscopeError
+    from mechscope.metrics import at_positions
 
     start = time.perf_counter()
     try:
@@ -80,7 +81,7 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
     tokens, last = m.to_tokens(prompts), m.last_positions(prompts)
     with torch.no_grad():
         logits = m(tokens)  # [batch, pos, d_vocab]
-    final = logits[torch.arange(len(prompts)), last]  # [batch, d_vocab]
+    final = at_positions(logits, last)  # [batch, d_vocab]
     table = Table("prompt", "IO", "S", "logit(IO) - logit(S)", "top token")
     diffs = []
     for i, (prompt, io, s) in enumerate(DEMO_PROMPTS):

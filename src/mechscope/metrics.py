@@ -26,9 +26,15 @@ def _pick(logits: Tensor, ids: Tensor) -> Tensor:
     return logits.gather(-1, index)[..., 0]
 
 
-def read_logits(logits: Float[Tensor, "batch pos d_vocab"], batch: "ContrastiveBatch") -> Float[Tensor, "batch d_vocab"]:
+def at_positions(x: Float[Tensor, "... batch pos d"], positions: Tensor) -> Float[Tensor, "... batch d"]:
+    """x[..., b, positions[b], :]: one position per prompt (e.g. its read position)."""
+    rows = torch.arange(x.shape[-3], device=x.device)
+    return x[..., rows, positions.to(x.device), :]
+
+
+def read_logits(logits: Float[Tensor, "... batch pos d_vocab"], batch: "ContrastiveBatch") -> Float[Tensor, "... batch d_vocab"]:
     """The logits at each prompt's read position."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), batch.read_pos.to(logits.device)]
+    return at_positions(logits, batch.read_pos)
 
 
 def logit_diff(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:

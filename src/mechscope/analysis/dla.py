@@ -17,6 +17,7 @@ import time
 import torch
 from torch import Tensor
 
+from mechscope.metrics import at_positions
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
@@ -25,11 +26,6 @@ from mechscope.tasks.batch import ContrastiveBatch
 def _direction(model: HookedModel, batch: ContrastiveBatch) -> Tensor:
     """W_U[:, answer] - W_U[:, wrong] per prompt: [batch, d_model]."""
     return (model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]).T
-
-
-def _at_read(stack: Tensor, batch: ContrastiveBatch) -> Tensor:
-    """[component, batch, pos, d_model] -> [component, batch, d_model] at each prompt's read position."""
-    return stack[:, torch.arange(len(batch)), batch.read_pos]
 
 
 def direct_logit_attribution(
@@ -48,7 +44,7 @@ def direct_logit_attribution(
             stack, labels = cache.stack_head_results(return_labels=True, apply_ln=True)
         else:
             stack, labels = cache.decompose_resid(return_labels=True, apply_ln=True)
-        per_prompt = (_at_read(stack, batch) * _direction(model, batch)).sum(-1)  # [component, batch]
+        per_prompt = (at_positions(stack, batch.read_pos) * _direction(model, batch)).sum(-1)  # [component, batch]
     values = per_prompt.float().mean(-1)
     if by == "head":
         values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)
@@ -68,7 +64,7 @@ def logit_lens(model: HookedModel, batch: ContrastiveBatch, *, run: str = "clean
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_resid_post")))
         stack, labels = cache.accumulated_resid(return_labels=True)  # [layer + 1, batch, pos, d_model]
-        logits = model.logits_from_resid(_at_read(stack, batch))  # [layer + 1, batch, d_vocab]
+        logits = model.logits_from_resid(at_positions(stack, batch.read_pos))  # [layer + 1, batch, d_vocab]
         index = torch.arange(len(batch))
         diff = logits[:, index, batch.answer] - logits[:, index, batch.wrong]  # [layer + 1, batch]
     return Result(values=diff.float().mean(-1), axes=("layer",), labels={"layer": labels},

@@ -10,9 +10,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor
 
+from mechscope.metrics import at_positions
 from mechscope.models.hooked import HookedModel
 
 
@@ -75,6 +75,5 @@ class LayerInputs:
     def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor) -> Tensor:
         """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab]."""
         hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k)
-        b = self.batch_size
-        final = hidden.view(k, b, *hidden.shape[1:])[:, torch.arange(b), read_pos]  # [k, batch, d_model]
+        final = at_positions(hidden.view(k, self.batch_size, *hidden.shape[1:]), read_pos)  # [k, batch, d_model]
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
