@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test deps dev clean
+.PHONY: demo test deps dev browser clean
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +26,12 @@ dev: $(VENV)/.dev
 demo: deps
 	$(VENV)/bin/mechscope demo
 
-test: dev
-	$(PY) -m pytest -q
+# Headless Chromium (Debian's package) for the reports' end-to-end tests.
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+test: dev browser
+	MECHSCOPE_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -30,6 +30,38 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per word of the IOI task (names, places, objects, template words, each with its
+    leading space), so that a tiny random model can run the IOI study."""
+    import re
+
+    from mechscope.tasks.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+
+    pieces = set(NAMES + PLACES + OBJECTS)
+    for text in TEMPLATES.values():
+        pieces.update(re.findall(WORD, re.sub(r"\{\w+\}", "", text)))
+    vocab = {w: i for i, w in enumerate(sorted(pieces) + ["<bos>", "<eos>", "<pad>", "<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(WORD), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+WORD = r" ?[A-Za-z]+| ?[^A-Za-z\s]"
+
+
+def ioi_model(name: str, seed: int = 0, layers: int | None = None) -> HookedModel:
+    """A tiny random model of one family (optionally with more layers) with `word_tokenizer`."""
+    tokenizer = word_tokenizer()
+    config = _configs()[name]
+    config.vocab_size = len(tokenizer)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    return HookedModel(hf, tokenizer)
 
 
 def _configs() -> dict:

@@ -130,8 +130,9 @@ def patch(
         result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
                                   metric=metric, progress=True)
     result.to_json(out)
+    _write_html(result, out)
     _print_top(result, top)
-    console.print(f"wrote {out} ({result.seconds:.1f} s)")
+    console.print(f"wrote {out} and {out.with_suffix('.html')} ({result.seconds:.1f} s)")
 
 
 @app.command()
@@ -160,8 +161,70 @@ def attribute(
             result.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
             console.print(f"verified: {check}")
     result.to_json(out)
+    _write_html(result, out)
     _print_top(result, top)
-    console.print(f"wrote {out} ({result.seconds:.1f} s; {result.extra['passes']})")
+    console.print(f"wrote {out} and {out.with_suffix('.html')} ({result.seconds:.1f} s; {result.extra['passes']})")
+
+
+@app.command("ioi")
+def ioi_study(
+    model: ModelSpec = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Directory for ioi.json and report.html.")] = Path("ioi-out"),
+    n: Annotated[int, typer.Option(help="IOI prompts for DLA, attention, copy scores and knockouts.")] = 40,
+    n_path: Annotated[int, typer.Option(help="Of those, how many path patching uses (its cost grows with them).")] = 16,
+    seed: Seed = 0,
+    threshold: Annotated[float, typer.Option(help="An effect counts when |effect| >= threshold * F(M).")] = 0.01,
+) -> None:
+    """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
+    evaluate it; writes OUT/ioi.json and OUT/report.html."""
+    from mechscope.report import write_report
+    from mechscope.result import write_json
+    from mechscope.studies.ioi import Settings, run_ioi
+
+    with _clear_errors():
+        settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
+        m = _load(model)
+        out.mkdir(parents=True, exist_ok=True)
+        result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
+    write_json(result, out / "ioi.json", indent=1)
+    write_report(result, out / "report.html")
+    _print_circuit(result)
+    console.print(f"wrote {out / 'ioi.json'} and {out / 'report.html'} ({result['seconds']:.0f} s)")
+
+
+def _print_circuit(result: dict) -> None:
+    paper = result.get("paper_circuit")
+    table = Table("class", "heads found", *(["Wang et al. 2022 (GPT-2 small)"] if paper else []))
+    for cls, heads in result["circuit"].items():
+        table.add_row(cls, " ".join(heads) or "-", *([" ".join(paper[cls])] if paper else []))
+    console.print(table)
+    c = result["completeness"]
+    console.print(
+        f"F(M) {result['logit_diff']:.3f}   F(C) {result['circuit_logit_diff']:.3f}   faithfulness "
+        f"{result['faithfulness']:.3f}   {result['n_circuit_heads']} of {result['n_model_heads']} heads"
+        + (f"   completeness gap {c['gap']:.3f} ({c['relative']:.0%} of F(M), without {', '.join(c['removed']) or 'nothing'})"
+           if c else ""))
+
+
+@app.command()
+def report(
+    source: Annotated[Path, typer.Argument(help="A result JSON (patch, attribute) or a directory written by `mechscope ioi`.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The HTML file (default: beside the source).")] = None,
+) -> None:
+    """Write a self-contained HTML report (opens offline in any browser)."""
+    from mechscope.report import load, write_report
+
+    with _clear_errors():
+        data = load(source)
+        target = output or (source / "report.html" if source.is_dir() else source.with_suffix(".html"))
+        write_report(data, target)
+    console.print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB)")
+
+
+def _write_html(result, out: Path) -> None:
+    from mechscope.report import write_report
+
+    write_report(result, out.with_suffix(".html"))
 
 
 def _load(spec: str):

@@ -5,11 +5,40 @@ Techniques subclass it with their own fields (patching: `PatchResult`)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+
+def json_safe(value):
+    """`value` with NaN and infinities as None: strict JSON (a browser's JSON.parse rejects NaN).
+    NaN marks a cell that was not measured."""
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _nan_for_none(values):
+    if isinstance(values, list):
+        return [_nan_for_none(v) for v in values]
+    return float("nan") if values is None else values
+
+
+def write_json(data: dict, path: str | Path | None = None, *, indent: int | None = None) -> str:
+    """Strict JSON text of `data`; written atomically to `path` when given (no half-written file)."""
+    text = json.dumps(json_safe(data), allow_nan=False, indent=indent)
+    if path is not None:
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +63,7 @@ class Result:
         """The k cells of largest |value|: ({axis: label}, value)."""
         flat = self.values.flatten()
         out = []
-        for i in flat.abs().argsort(descending=True)[:k].tolist():
+        for i in flat.abs().nan_to_num(-1.0).argsort(descending=True)[:k].tolist():  # NaN: not measured
             index = torch.unravel_index(torch.tensor(i), self.values.shape)
             out.append(({a: self.labels[a][int(j)] for a, j in zip(self.axes, index)}, flat[i].item()))
         return out
@@ -58,17 +87,12 @@ class Result:
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict())
-        if path is not None:
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)  # no half-written result file
-        return text
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict):
         d = dict(d)
-        d["values"] = torch.tensor(d["values"], dtype=torch.float32)
+        d["values"] = torch.tensor(_nan_for_none(d["values"]), dtype=torch.float32)
         d["axes"] = tuple(d["axes"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
@@ -100,6 +124,12 @@ class Result:
                                    hovertemplate=f"{axes[0]} %{{y}}, {axes[1]} %{{x}}: %{{z:.4f}}<extra></extra>"))
         fig.update_layout(title=self._title(), xaxis_title=axes[1], yaxis_title=axes[0], yaxis_autorange="reversed")
         return fig
+
+    def _repr_html_(self) -> str:
+        """In a notebook, the result shows itself as its report (heatmap, top components)."""
+        from mechscope.report import html, render
+
+        return html.iframe(render(self))
 
     def __repr__(self) -> str:
         shape = " x ".join(f"{a} {len(self.labels[a])}" for a in self.axes)

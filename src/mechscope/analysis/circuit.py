@@ -1,16 +1,22 @@
-"""Circuit evaluation by knockout (Wang et al. 2022): a head outside the circuit is mean-ablated, its
-output (hook_z) replaced at each position by its mean over the reference distribution's prompts of
-the same template ("ABC": the batch's corrupt prompts), so that only the circuit carries
-information about the names.
+"""Circuit evaluation by knockout (Wang et al. 2022, section 4): a head outside the circuit is
+mean-ablated, its output (hook_z) replaced at each position by its mean over the reference ("ABC")
+prompts of the same template, so that only the circuit carries information about the names.
 
-F(M): the model's logit difference; F(C): with every head outside C knocked out. Faithfulness is
-F(C) / F(M).
+F(M): the model's logit difference; F(C): with every head outside C knocked out.
+- faithfulness: F(C) / F(M);
+- completeness: for class subsets K, |F(C \\ K) - F(M \\ K)| should stay small (a complete circuit
+  and the model lose the same when K goes); a greedy search looks for the worst K;
+- minimality: for each head v, max over K of |F(C \\ (K + v)) - F(C \\ K)| should be large (every head
+  matters for some K); K is tried empty and as v's own class.
+
+`Knockouts` runs many knockout sets as one batch, resuming from the first ablated layer, and
+unembeds only the read positions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +24,7 @@ from torch import Tensor
 from mechscope.errors import InputError
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.models.hooked import HookedModel
+from mechscope.patching.resume import LayerInputs
 from mechscope.tasks.batch import ContrastiveBatch
 
 Head = tuple[int, int]
@@ -32,26 +39,37 @@ def parse_heads(heads: Iterable[Head | str]) -> set[Head]:
     return out
 
 
-def group_means(model: HookedModel, batch: ContrastiveBatch) -> dict[str, Tensor]:
-    """Each hook_z's mean over the corrupt (reference) prompts of each prompt's group (template),
-    per position: {name: [batch, pos, head, d_head]}. Without groups, the whole batch is one group."""
+def head_name(head: Head) -> str:
+    return f"{head[0]}.{head[1]}"
+
+
+def group_means(model: HookedModel, batch: ContrastiveBatch, reference: ContrastiveBatch | None = None) -> dict[str, Tensor]:
+    """For each prompt of `batch`, each hook_z's mean over the corrupt prompts of `reference` (default:
+    the batch itself) in the same group (template), per position: {name: [batch, pos, head, d_head]}.
+    Without groups, the whole reference is one group."""
+    reference = batch if reference is None else reference
     groups = batch.groups or ("all",) * len(batch)
+    ref_groups = reference.groups or ("all",) * len(reference)
+    missing = sorted(set(groups) - set(ref_groups))
+    if missing:
+        raise InputError(f"the reference prompts have no template {missing[:3]}; give every template of the batch")
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.corrupt, names_filter=names)
+        _, cache = model.run_with_cache(reference.corrupt, names_filter=names)
+    n_pos = batch.clean.shape[1]
+    rows = {g: torch.tensor([i for i, r in enumerate(ref_groups) if r == g]) for g in set(groups)}
     out = {}
     for name in names:
-        z = cache[name]  # [batch, pos, head, d_head]
-        mean = torch.empty_like(z)
-        for group in set(groups):
-            rows = torch.tensor([i for i, g in enumerate(groups) if g == group])
-            mean[rows] = z[rows].mean(0, keepdim=True)
-        out[name] = mean
+        z = cache[name]  # [ref, ref_pos, head, d_head]
+        if z.shape[1] < n_pos:
+            z = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, n_pos - z.shape[1]))
+        per_group = {g: z[r, :n_pos].mean(0) for g, r in rows.items()}  # {group: [pos, head, d_head]}
+        out[name] = torch.stack([per_group[g] for g in groups])  # [batch, pos, head, d_head]
     return out
 
 
 def knockout_hooks(model: HookedModel, keep: set[Head], means: dict[str, Tensor]) -> list:
-    """Hooks that mean-ablate every head not in `keep`."""
+    """Hooks that mean-ablate every head not in `keep` (one run of the batch)."""
     hooks = []
     for l in range(model.cfg.n_layers):
         ablate = torch.tensor([(l, h) not in keep for h in range(model.cfg.n_heads)])  # [head]
@@ -61,6 +79,58 @@ def knockout_hooks(model: HookedModel, keep: set[Head], means: dict[str, Tensor]
         hooks.append((f"blocks.{l}.attn.hook_z",
                       lambda act, hook, mean=mean, ablate=ablate: torch.where(ablate[:, None], mean, act)))
     return hooks
+
+
+class Knockouts:
+    """Logit differences of the clean prompts with heads knocked out, many knockout sets per batch."""
+
+    def __init__(self, model: HookedModel, batch: ContrastiveBatch, *, reference: ContrastiveBatch | None = None,
+                 chunk: int = 16):
+        self.model, self.batch, self.chunk = model, batch, chunk
+        self.heads = {(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)}
+        self.means = group_means(model, batch, reference)
+        self.inputs = LayerInputs(model, len(batch))
+        with torch.no_grad(), self.inputs.recording():
+            logits = model(batch.clean)
+        self.model_logit_diff = logit_diff(read_logits(logits, batch), batch).mean().item()  # F(M)
+
+    def check(self, heads: Iterable[Head]) -> None:
+        bad = sorted(set(heads) - self.heads)
+        if bad:
+            cfg = self.model.cfg
+            raise InputError(f"heads {bad} are not in this model ({cfg.n_layers} layers x {cfg.n_heads} heads)")
+
+    def logit_diffs(self, keeps: Sequence[set[Head]]) -> list[float]:
+        """The mean logit difference with every head outside each `keeps[j]` knocked out."""
+        out: list[float] = []
+        for i in range(0, len(keeps), self.chunk):
+            out += self._run(keeps[i:i + self.chunk])
+        return out
+
+    def _run(self, keeps: Sequence[set[Head]]) -> list[float]:
+        cfg, b, k = self.model.cfg, len(self.batch), len(keeps)
+        ablate = torch.ones(k, cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # [variant, layer, head]
+        for j, keep in enumerate(keeps):
+            for l, h in keep:
+                ablate[j, l, h] = False
+        layers = [l for l in range(cfg.n_layers) if ablate[:, l].any()]
+        if not layers:
+            return [self.model_logit_diff] * k
+        hooks = []
+        for l in layers:
+            name = f"blocks.{l}.attn.hook_z"
+            mask = ablate[:, l][:, None, None, :, None]  # [variant, 1, 1, head, 1]
+
+            def knock(act, hook, mean=self.means[name], mask=mask):
+                act = act.view(k, b, *act.shape[1:])  # [variant, batch, pos, head, d_head]
+                return torch.where(mask, mean, act).flatten(0, 1)
+
+            hooks.append((name, knock))
+        first = layers[0]
+        hidden = self.inputs.resid[first].repeat(k, 1, 1)  # [variant * batch, pos, d_model]
+        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
+            logits = self.inputs.run(hidden, first, k, self.batch.read_pos)  # [variant, batch, d_vocab]
+        return logit_diff(logits, self.batch).mean(-1).tolist()
 
 
 @dataclass(frozen=True)
@@ -74,19 +144,86 @@ class Faithfulness:
         return self.circuit_logit_diff / self.model_logit_diff
 
     def __str__(self) -> str:
-        return f"F(M) {self.model_logit_diff:.3f}, F(C) {self.circuit_logit_diff:.3f}: faithfulness {self.ratio:.3f} ({self.n_heads} heads)"
+        return (f"F(M) {self.model_logit_diff:.3f}, F(C) {self.circuit_logit_diff:.3f}: faithfulness "
+                f"{self.ratio:.3f} ({self.n_heads} heads)")
 
 
-def faithfulness(model: HookedModel, batch: ContrastiveBatch, circuit: Iterable[Head | str]) -> Faithfulness:
-    """F(C) / F(M) on the clean prompts, every head outside `circuit` mean-ablated over the ABC
-    prompts of its template."""
+def _knockouts(model, batch, knockouts: Knockouts | None, reference) -> Knockouts:
+    return knockouts if knockouts is not None else Knockouts(model, batch, reference=reference)
+
+
+def faithfulness(model: HookedModel, batch: ContrastiveBatch, circuit: Iterable[Head | str], *,
+                 reference: ContrastiveBatch | None = None, knockouts: Knockouts | None = None) -> Faithfulness:
+    """F(C) / F(M) on the clean prompts, every head outside `circuit` mean-ablated over the reference
+    (default: the batch's own corrupt prompts) of its template."""
     keep = parse_heads(circuit)
-    bad = [h for h in keep if not (0 <= h[0] < model.cfg.n_layers and 0 <= h[1] < model.cfg.n_heads)]
-    if bad:
-        raise InputError(f"heads {sorted(bad)} are not in this model ({model.cfg.n_layers} layers x {model.cfg.n_heads} heads)")
-    means = group_means(model, batch)
-    with torch.no_grad():
-        full = logit_diff(read_logits(model(batch.clean), batch), batch).mean().item()
-        logits = model.run_with_hooks(batch.clean, fwd_hooks=knockout_hooks(model, keep, means))
-        circuit_ld = logit_diff(read_logits(logits, batch), batch).mean().item()
-    return Faithfulness(model_logit_diff=full, circuit_logit_diff=circuit_ld, n_heads=len(keep))
+    ko = _knockouts(model, batch, knockouts, reference)
+    ko.check(keep)
+    (circuit_ld,) = ko.logit_diffs([keep])
+    return Faithfulness(model_logit_diff=ko.model_logit_diff, circuit_logit_diff=circuit_ld, n_heads=len(keep))
+
+
+@dataclass(frozen=True)
+class Completeness:
+    """The worst class subset K found: |F(C \\ K) - F(M \\ K)| (`gap`), and every K tried."""
+
+    removed: tuple[str, ...]  # the classes of K
+    circuit_logit_diff: float  # F(C \ K)
+    model_logit_diff: float  # F(M \ K)
+    gap: float
+    relative: float  # gap / F(M)
+    tried: list[dict] = field(default_factory=list)
+
+
+def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[str, Iterable[Head | str]], *,
+                 reference: ContrastiveBatch | None = None, knockouts: Knockouts | None = None) -> Completeness:
+    """Greedy search over unions of whole classes K for the largest |F(C \\ K) - F(M \\ K)|: add the class
+    that widens the gap most while the gap grows."""
+    ko = _knockouts(model, batch, knockouts, reference)
+    members = {c: parse_heads(h) for c, h in classes.items() if h}
+    circuit = set().union(*members.values())
+    ko.check(circuit)
+    fc, fm = ko.logit_diffs([circuit, ko.heads])
+    tried = [{"removed": [], "circuit": fc, "model": fm, "gap": abs(fc - fm)}]
+    best, chosen = tried[0], []
+    while len(chosen) < len(members):
+        options = [c for c in members if c not in chosen]
+        keeps = []
+        for c in options:
+            gone = set().union(*(members[x] for x in chosen + [c]))
+            keeps += [circuit - gone, ko.heads - gone]
+        values = ko.logit_diffs(keeps)
+        step = [{"removed": chosen + [c], "circuit": values[2 * i], "model": values[2 * i + 1],
+                 "gap": abs(values[2 * i] - values[2 * i + 1])} for i, c in enumerate(options)]
+        tried += step
+        top = max(step, key=lambda t: t["gap"])
+        if top["gap"] <= best["gap"]:
+            break
+        best, chosen = top, top["removed"]
+    return Completeness(removed=tuple(best["removed"]), circuit_logit_diff=best["circuit"],
+                        model_logit_diff=best["model"], gap=best["gap"], relative=best["gap"] / ko.model_logit_diff,
+                        tried=tried)
+
+
+def minimality(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[str, Iterable[Head | str]], *,
+               reference: ContrastiveBatch | None = None, knockouts: Knockouts | None = None) -> dict[str, dict]:
+    """For each head v of the circuit: {"score": max over K of |F(C \\ (K + v)) - F(C \\ K)|, "K": "none" or
+    "class" (the rest of v's class), "relative": score / F(C)}, keyed "layer.head"."""
+    ko = _knockouts(model, batch, knockouts, reference)
+    members = {c: parse_heads(h) for c, h in classes.items() if h}
+    circuit = set().union(*members.values())
+    ko.check(circuit)
+    heads = sorted((v, c) for c, hs in members.items() for v in hs)
+    keeps = [circuit] + [circuit - members[c] for c in members]
+    for v, c in heads:
+        keeps += [circuit - {v}, (circuit - members[c]) | {v}]
+    values = ko.logit_diffs(keeps)
+    fc = values[0]
+    without_class = dict(zip(members, values[1:1 + len(members)]))
+    out = {}
+    for i, (v, c) in enumerate(heads):
+        without_v, only_v_of_class = values[1 + len(members) + 2 * i: 3 + len(members) + 2 * i]
+        drops = {"none": abs(fc - without_v), "class": abs(only_v_of_class - without_class[c])}
+        k = max(drops, key=drops.get)
+        out[head_name(v)] = {"class": c, "score": drops[k], "K": k, "relative": drops[k] / abs(fc) if fc else float("inf")}
+    return out

@@ -1,5 +1,7 @@
 """Head detectors: how much each head attends where a previous-token, duplicate-token or induction
-head would, on repeated random tokens (`tasks.induction`).
+head would, on repeated random tokens (`tasks.induction`); where each head looks from a prompt's read
+position (`attention_from_end`); and whether its OV circuit copies the token it attends to
+(`copy_scores`).
 
 On [prefix, s_1 .. s_L, s_1 .. s_L], for a query at position q:
 - previous-token: the weight on q - 1 (every q after the first token);
@@ -11,11 +13,15 @@ Each score is that weight averaged over queries and prompts, in [0, 1].
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import torch
+from torch import Tensor
 
+from mechscope.metrics import at_positions
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
+from mechscope.tasks.batch import ContrastiveBatch
 from mechscope.tasks.induction import induction
 
 KINDS = ("previous_token", "duplicate_token", "induction")
@@ -35,7 +41,7 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
         "duplicate_token": (second, second - length),
         "induction": (second, second - length + 1),
     }
-    labels = {"layer": [str(l) for l in range(model.cfg.n_layers)], "head": [str(h) for h in range(model.cfg.n_heads)]}
+    labels = _head_labels(model)
     out = {}
     for kind, (q, k) in targets.items():
         weight = pattern[:, :, :, q, k]  # [layer, batch, head, queries]
@@ -43,3 +49,64 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
                            technique=f"{kind} score", model=model.cfg.model_name, n_prompts=n,
                            seconds=time.perf_counter() - start, extra={"length": length, "seed": seed})
     return out
+
+
+def _head_labels(model: HookedModel) -> dict[str, list[str]]:
+    return {"layer": [str(l) for l in range(model.cfg.n_layers)], "head": [str(h) for h in range(model.cfg.n_heads)]}
+
+
+def attention_from_end(model: HookedModel, batch: ContrastiveBatch, positions: dict[str, Tensor]) -> dict[str, Result]:
+    """{key: Result (layer x head)}: each head's attention weight from each prompt's read position to
+    `positions[key]` (one position per prompt, e.g. IOI's IO, S1, S2), averaged over prompts."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.clean, names_filter=lambda name: name.endswith("hook_pattern"))
+    rows = torch.arange(len(batch))
+    out = {}
+    for key, pos in positions.items():
+        weight = torch.stack([cache["pattern", l][rows, :, batch.read_pos, pos]
+                              for l in range(model.cfg.n_layers)])  # [layer, batch, head]
+        out[key] = Result(values=weight.float().mean(1), axes=("layer", "head"), labels=_head_labels(model),
+                          technique=f"attention END -> {key}", model=model.cfg.model_name, n_prompts=len(batch),
+                          seconds=time.perf_counter() - start)
+    return out
+
+
+def copy_scores(
+    model: HookedModel, batch: ContrastiveBatch, positions: dict[str, Tensor], *, k: int = 5,
+    heads: Iterable[tuple[int, int]] | None = None,
+) -> dict[str, Result]:
+    """The copy scores of each head's OV circuit (Wang et al. 2022, section 3.3): if the head attended
+    only to the token at `positions[key]`, would its output put that token's logit in the top k
+    ("copy") or in the bottom k ("negative_copy": the head suppresses what it reads)?
+
+    For each prompt and each position given (e.g. IOI's IO and S1), the head's value vector there
+    (the real residual stream of its layer, through its own norm and W_V) goes through W_O, the final
+    norm and the unembedding; a score is the fraction of cases that hit. The paper takes the residual
+    after the first MLP; each layer's own residual is what the head really reads. heads: only these
+    (the other cells are NaN).
+    """
+    start = time.perf_counter()
+    cfg, a = model.cfg, model.adapter
+    wanted = {(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)} if heads is None else set(heads)
+    layers = sorted({l for l, _ in wanted})
+    names = [f"blocks.{l}.attn.hook_v" for l in layers]
+    scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan")) for kind in ("copy", "negative_copy")}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.clean, names_filter=names)
+        rows = torch.arange(len(batch))
+        keys = list(positions.values())
+        tokens = torch.cat([batch.clean[rows, pos] for pos in keys])  # [case]
+        for l, name in zip(layers, names):
+            hs = sorted(h for wl, h in wanted if wl == l)
+            v = torch.cat([at_positions(cache[name].flatten(2), pos) for pos in keys])  # [case, kv_head * d_head]
+            v = v.reshape(len(v), cfg.n_kv_heads, cfg.d_head).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
+            result = a.head_results(l, v[:, None])[:, 0, hs]  # [case, head, d_model]: each head's write
+            logits = model.logits_from_resid(result)  # [case, head, d_vocab]
+            own = logits.gather(-1, tokens[:, None, None].expand(-1, len(hs), 1))  # [case, head, 1]
+            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).float().mean(0)
+            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).float().mean(0)
+    return {kind: Result(values=values, axes=("layer", "head"), labels=_head_labels(model),
+                         technique=kind.replace("_", " ") + " score", model=cfg.model_name, n_prompts=len(batch),
+                         seconds=time.perf_counter() - start, extra={"k": k, "positions": list(positions)})
+            for kind, values in scores.items()}

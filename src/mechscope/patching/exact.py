@@ -12,7 +12,6 @@ measures the metric. Three things make it fast without changing a number:
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Sequence
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 from mechscope.metrics import Metric, read_logits, resolve_metric
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.result import PatchResult
+from mechscope.progress import progress_bar
 from mechscope.patching.resume import LayerInputs
 from mechscope.patching.sites import PatchSite, patch_site
 from mechscope.tasks.batch import ContrastiveBatch
@@ -69,8 +69,7 @@ def activation_patch(
     values = torch.zeros(len(layers), len(heads), len(positions))  # squeezed to the result's axes below
     components = [(hi, h, pi, p) for hi, h in enumerate(heads) for pi, p in enumerate(positions)]
     per_chunk = _variants_per_chunk(model, batch, memory_mb)
-    bar = _progress(progress, len(layers) * len(components), site)
-    with torch.no_grad(), bar or nullcontext():
+    with torch.no_grad(), progress_bar(progress, len(layers) * len(components), f"patching {site}") as bar:
         for li, layer in enumerate(layers):
             src = source_cache[hooks[li]]  # [batch, *site shape]
             for i in range(0, len(components), per_chunk):
@@ -79,8 +78,7 @@ def activation_patch(
                 patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
                 for (hi, _, pi, _), value in zip(chunk, patched):
                     values[li, hi, pi] = value - baseline
-                if bar:
-                    bar.advance(bar.task_ids[0], len(chunk))
+                bar.advance(len(chunk))
 
     axes, labels = spec.axes(model, batch, layers, heads, per_position)
     return PatchResult(
@@ -139,13 +137,3 @@ def _variants_per_chunk(model: HookedModel, batch: ContrastiveBatch, memory_mb: 
     c, (b, n_pos) = model.cfg, batch.clean.shape
     floats = b * n_pos * (8 * c.d_model + 3 * c.d_mlp + 2 * c.n_heads * n_pos) + 2 * b * c.d_vocab
     return max(1, memory_mb * 2**20 // (4 * floats))
-
-
-def _progress(enabled: bool, total: int, site: str):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(f"patching {site}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    bar.add_task(site, total=total)
-    return bar

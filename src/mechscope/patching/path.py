@@ -28,6 +28,7 @@ from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
 from mechscope.patching.resume import LayerInputs
 from mechscope.patching.sites import SITES
+from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
 
 
@@ -40,13 +41,16 @@ def path_patch(
     at: str = "all",
     metric: str | Metric = "logit_diff",
     direction: str = "noise",
+    senders: Sequence[tuple[int, int]] | None = None,
+    progress: bool = False,
 ) -> PatchResult:
     """Effect of every sender head (layer x head, for the layers before the last receiver) on the
     metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
 
     receivers: "logits" (the final residual stream) or [(layer, head), ...] whose `receiver_input`
     ("q", "k" or "v"; k and v name key/value heads) is patched, at every position (`at="all"`) or
-    at each prompt's read position (`at="read"`).
+    at each prompt's read position (`at="read"`). senders: only these (layer, head) (the other cells
+    are NaN); default every head before the last receiver.
     """
     start = time.perf_counter()
     source, target = batch.source_and_target(direction)
@@ -62,6 +66,13 @@ def path_patch(
             raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
                              f"{receiver_input} heads)")
     last = cfg.n_layers if to_logits else max(layer for layer, _ in receivers)
+    chosen = {l: list(range(cfg.n_heads)) for l in range(last)}
+    if senders is not None:
+        senders = [tuple(int(x) for x in s) for s in senders]
+        bad = [s for s in senders if not (0 <= s[0] < last and 0 <= s[1] < cfg.n_heads)]
+        if bad:
+            raise InputError(f"senders {bad} are not heads before layer {last} (the last receiver's layer)")
+        chosen = {l: sorted({h for sl, h in senders if sl == l}) for l in range(last)}
     sender_layers = list(range(last))
     if not sender_layers:
         raise InputError("no head sits before the receivers: choose receivers in a later layer")
@@ -79,11 +90,14 @@ def path_patch(
     source_metric = _mean_metric(fn, read_logits(source_logits, batch)[None], batch).item()
     clean_metric, corrupt_metric = (baseline, source_metric) if direction == "noise" else (source_metric, baseline)
 
-    values = torch.zeros(len(sender_layers), cfg.n_heads)
-    with torch.no_grad():
+    values = torch.full((len(sender_layers), cfg.n_heads), float("nan"))
+    with torch.no_grad(), progress_bar(progress, sum(len(h) for h in chosen.values()), "path patching") as bar:
         for layer in sender_layers:
-            k = cfg.n_heads  # one variant per sender head of this layer
-            frozen = _freeze_hooks(model, layer, k, len(batch), source_cache, target_cache)
+            heads = chosen[layer]
+            k = len(heads)  # one variant per sender head of this layer
+            if not k:
+                continue
+            frozen = _freeze_hooks(model, layer, heads, len(batch), source_cache, target_cache)
             hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
             if to_logits:
                 with model.hooks(fwd_hooks=frozen):
@@ -97,7 +111,8 @@ def path_patch(
                 with model.hooks(fwd_hooks=frozen + [(n, record) for n in recv_names]):
                     inputs.run_layers(hidden, layer, last + 1, k)
                 logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k)
-            values[layer] = _mean_metric(fn, logits, batch) - baseline
+            values[layer, heads] = _mean_metric(fn, logits, batch) - baseline
+            bar.advance(k)
 
     labels = {"layer": [str(l) for l in sender_layers], "head": [str(h) for h in range(cfg.n_heads)]}
     receiver_text = "logits" if to_logits else [f"{l}.{h}" for l, h in receivers]
@@ -109,16 +124,16 @@ def path_patch(
     )
 
 
-def _freeze_hooks(model, layer: int, k: int, b: int, source_cache, target_cache) -> list:
-    """Variant j: head j of `layer` takes the source's z; every head of every later layer keeps the
-    target's z (frozen), whatever the sender changed upstream of it."""
-    hooks = []
+def _freeze_hooks(model, layer: int, heads: list[int], b: int, source_cache, target_cache) -> list:
+    """Variant j: head heads[j] of `layer` takes the source's z; every head of every later layer keeps
+    the target's z (frozen), whatever the sender changed upstream of it."""
+    hooks, k = [], len(heads)
     spec = SITES["head_z"]
     for l in range(layer, model.cfg.n_layers):
         name = f"blocks.{l}.attn.hook_z"
         z_target = target_cache[name]  # [batch, pos, head, d_head]
         if l == layer:
-            mask = variant_mask(spec, z_target.shape[1:], [(h, None) for h in range(k)])
+            mask = variant_mask(spec, z_target.shape[1:], [(h, None) for h in heads])
             hooks.append((name, masked_writer(source_cache[name], mask, b)))
         else:
             hooks.append((name, lambda act, hook, z=z_target: z.repeat(k, 1, 1, 1)))

@@ -14,10 +14,14 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Sequence
 
+import torch
+from torch import Tensor
+
 from mechscope.errors import InputError
 
 if TYPE_CHECKING:
     from mechscope.models.hooked import HookedModel
+    from mechscope.tasks.batch import ContrastiveBatch
 
 # BABA: the subject is named first. {S1} / {S2}: the subject's two mentions, {IO}: the indirect object.
 BABA = (
@@ -97,3 +101,24 @@ def ioi(
             raise InputError(f"template {template} gives pairs of different lengths: {clean!r} / {bad!r}")
         records.append({"clean": clean, "corrupt": bad, "answer": io, "wrong": s, "template": template})
     return records
+
+
+def name_positions(batch: "ContrastiveBatch") -> dict[str, Tensor]:
+    """Where each prompt of an IOI batch names its people, from the clean tokens: {"IO", "S1", "S2",
+    "END"} -> [batch] positions (IO: the indirect object; S1, S2: the subject's first and second
+    mention; END: the read position)."""
+    tokens = batch.clean  # [batch, pos]
+    index = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # [batch, pos]
+    before_end = index < batch.read_pos[:, None]
+    is_io = (tokens == batch.answer[:, None]) & before_end  # [batch, pos]
+    is_s = (tokens == batch.wrong[:, None]) & before_end
+    if not (is_io.any(1).all() and (is_s.sum(1) >= 2).all()):
+        raise InputError("not an IOI batch: each clean prompt must name the answer once and the wrong name "
+                         "twice before its read position (use mechscope.tasks.ioi)")
+    big = tokens.shape[1]
+    return {
+        "IO": torch.where(is_io, index, big).min(1).values,
+        "S1": torch.where(is_s, index, big).min(1).values,
+        "S2": torch.where(is_s, index, -1).max(1).values,
+        "END": batch.read_pos.clone(),
+    }

@@ -1,0 +1,46 @@
+"""Reports: one self-contained HTML file per study or result, readable offline in any browser.
+
+`write_report(data, path)` takes the IOI study's dict (`ioi.json`) or a result (a `Result` or its
+JSON dict); `render(data)` returns the page as a string."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mechscope.errors import InputError
+from mechscope.report import html
+from mechscope.report.views import ioi_views, result_views
+
+
+def render(data) -> str:
+    """The HTML page for an IOI study dict, a Result, or a Result's dict."""
+    if hasattr(data, "to_dict"):
+        data = data.to_dict()
+    if "circuit" in data and "intermediate" in data:
+        subtitle = f"{data['n_prompts']} prompts, seed {data['seed']}, mechscope ioi"
+        return html.document(f"IOI circuit of {data['model']}", subtitle, ioi_views(data))
+    if "values" in data and "axes" in data:
+        return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
+                             result_views(data))
+    raise InputError("this is neither an IOI study (ioi.json) nor a mechscope result JSON")
+
+
+def write_report(data, path: str | Path) -> Path:
+    return html.write(render(data), path)
+
+
+def load(path: str | Path) -> dict:
+    """The data of a report source: a result JSON, an ioi.json, or a directory holding ioi.json."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ioi.json"
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; give a result JSON or a directory written by `mechscope ioi`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path} is not JSON ({err.msg} at line {err.lineno})") from None
+
+
+__all__ = ["load", "render", "write_report"]

@@ -1,0 +1,228 @@
+// mechscope report: renders the views described in the JSON block #ms-data. No library, no network.
+"use strict";
+(function () {
+  const SVG = "http://www.w3.org/2000/svg";
+  const data = JSON.parse(document.getElementById("ms-data").textContent);
+  const tip = document.getElementById("ms-tip");
+  let attentionViewer = null;  // set when the report has attention patterns
+
+  function el(tag, attrs, parent, text) {
+    const node = tag.startsWith("svg:") ? document.createElementNS(SVG, tag.slice(4)) : document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    if (parent) parent.appendChild(node);
+    return node;
+  }
+  function fmt(v) {
+    if (v === null || v === undefined || Number.isNaN(v)) return "n/a";
+    return Math.abs(v) >= 100 || (Math.abs(v) < 0.001 && v !== 0) ? v.toExponential(2) : v.toFixed(3);
+  }
+  function showTip(event, text) {
+    tip.textContent = text;
+    tip.style.display = "block";
+    tip.style.left = (event.pageX + 12) + "px";
+    tip.style.top = (event.pageY + 12) + "px";
+  }
+  function hideTip() { tip.style.display = "none"; }
+  function hover(node, text) {
+    node.addEventListener("mousemove", (e) => showTip(e, text));
+    node.addEventListener("mouseleave", hideTip);
+  }
+
+  // Colours: signed values on blue-white-red, fractions in [0, 1] on white-purple.
+  function colour(v, scale, diverging) {
+    if (v === null || Number.isNaN(v)) return "#eee";
+    const t = Math.max(-1, Math.min(1, scale ? v / scale : 0));
+    if (!diverging) {
+      const a = Math.max(0, t);
+      return `rgb(${Math.round(255 - 150 * a)},${Math.round(255 - 200 * a)},${Math.round(255 - 60 * a)})`;
+    }
+    const a = Math.abs(t);
+    return t >= 0 ? `rgb(255,${Math.round(255 - 200 * a)},${Math.round(255 - 200 * a)})`
+                  : `rgb(${Math.round(255 - 200 * a)},${Math.round(255 - 170 * a)},255)`;
+  }
+
+  // A heatmap of values[row][col] with labelled axes; onClick(rowIndex, colIndex).
+  function heatmap(parent, m, onClick) {
+    const rows = m.rows.length, cols = m.cols.length;
+    const cell = Math.max(8, Math.min(28, Math.floor(760 / cols)));
+    const rowH = Math.max(8, Math.min(22, Math.floor(560 / rows)));
+    const longest = Math.max(...m.cols.map((c) => c.length));
+    const left = 70, top = 20 + Math.min(110, 7 * longest);
+    const width = left + cols * cell + 20, height = top + rows * rowH + 30;
+    const svg = el("svg:svg", { width, height, class: "heatmap", "data-title": m.title }, parent);
+    const flat = m.values.flat().filter((v) => v !== null && !Number.isNaN(v));
+    const scale = m.diverging === false ? 1 : Math.max(1e-9, ...flat.map(Math.abs));
+    m.values.forEach((row, i) => row.forEach((v, j) => {
+      const r = el("svg:rect", { x: left + j * cell, y: top + i * rowH, width: cell - 1, height: rowH - 1,
+                                 fill: colour(v, scale, m.diverging !== false), class: "cell",
+                                 "data-row": i, "data-col": j }, svg);
+      hover(r, `${m.rowTitle} ${m.rows[i]}, ${m.colTitle} ${m.cols[j]}: ${fmt(v)}`);
+      if (onClick) r.addEventListener("click", () => onClick(i, j));
+    }));
+    m.rows.forEach((label, i) => {
+      if (rows > 40 && i % 2) return;
+      el("svg:text", { x: left - 4, y: top + i * rowH + rowH * 0.75, "text-anchor": "end", class: "tick" }, svg, label);
+    });
+    m.cols.forEach((label, j) => {
+      el("svg:text", { x: 0, y: 0, class: "tick", "text-anchor": "start",
+                       transform: `translate(${left + j * cell + cell * 0.7},${top - 4}) rotate(-60)` }, svg, label);
+    });
+    el("svg:text", { x: 4, y: top - 6, class: "axis" }, svg, m.rowTitle + " \u2193");
+    el("svg:text", { x: left, y: height - 8, class: "axis" }, svg,
+       `${m.colTitle} \u2192   colour: ${m.diverging === false ? "0" : "-" + fmt(scale)} .. ${fmt(scale)}`);
+    return svg;
+  }
+
+  function section(title, note) {
+    const s = el("section", {}, document.getElementById("ms-main"));
+    el("h2", {}, s, title);
+    if (note) el("p", { class: "note" }, s, note);
+    return s;
+  }
+
+  const render = {
+    summary(v) {
+      const s = section(v.title);
+      const grid = el("div", { class: "summary" }, s);
+      for (const [label, value] of v.items) {
+        const card = el("div", { class: "card" }, grid);
+        el("div", { class: "label" }, card, label);
+        el("div", { class: "value" }, card, value);
+      }
+    },
+    table(v) {
+      const s = section(v.title, v.note);
+      const t = el("table", {}, s);
+      const head = el("tr", {}, el("thead", {}, t));
+      v.columns.forEach((c) => el("th", {}, head, c));
+      const body = el("tbody", {}, t);
+      v.rows.forEach((row) => {
+        const tr = el("tr", {}, body);
+        row.forEach((c) => el("td", {}, tr, typeof c === "number" ? fmt(c) : c));
+      });
+    },
+    heatmaps(v) {
+      const s = section(v.title, v.note);
+      const pick = el("select", { class: "map-select" }, s);
+      v.maps.forEach((m, i) => el("option", { value: i }, pick, m.title));
+      const box = el("div", { class: "map-box" }, s);
+      const draw = () => {
+        box.innerHTML = "";
+        const m = v.maps[pick.value];
+        if (m.note) el("p", { class: "note" }, box, m.note);
+        heatmap(box, m, m.heads && attentionViewer ? (i, j) => attentionViewer.show(+m.rows[i], +m.cols[j]) : null);
+      };
+      pick.addEventListener("change", draw);
+      draw();
+    },
+    attention(v) {
+      const s = section(v.title, v.note);
+      const p = v.patterns;
+      const [nPrompts, nLayers, nHeads, nPos] = p.shape;
+      const bytes = Uint8Array.from(atob(p.uint8_base64), (c) => c.charCodeAt(0));
+      const controls = el("div", { class: "controls" }, s);
+      const select = (label, n, names) => {
+        const wrap = el("label", {}, controls, label + " ");
+        const sel = el("select", { class: "attn-" + label }, wrap);
+        for (let i = 0; i < n; i++) el("option", { value: i }, sel, names ? names[i] : String(i));
+        return sel;
+      };
+      const prompt = select("prompt", nPrompts, p.tokens.map((t, i) => `${i}: ${t.join("").slice(0, 60)}`));
+      const layer = select("layer", nLayers);
+      const head = select("head", nHeads);
+      const box = el("div", { class: "attn-box" }, s);
+      const draw = () => {
+        const P = +prompt.value, L = +layer.value, H = +head.value, toks = p.tokens[P], n = toks.length;
+        const base = (((P * nLayers + L) * nHeads + H) * nPos) * nPos;
+        const values = [];
+        for (let q = 0; q < n; q++) {
+          const row = [];
+          for (let k = 0; k < n; k++) row.push(bytes[base + q * nPos + k] / 255);
+          values.push(row);
+        }
+        const labels = toks.map((t, i) => `${i} ${t}`);
+        box.innerHTML = "";
+        el("p", { class: "note attn-title" }, box, `head ${L}.${H}, prompt ${P}: each row is a query token, each column a key token`);
+        heatmap(box, { title: `attention ${L}.${H}`, rows: labels, cols: labels, values, rowTitle: "query",
+                       colTitle: "key", diverging: false });
+      };
+      [prompt, layer, head].forEach((x) => x.addEventListener("change", draw));
+      attentionViewer = {
+        show(L, H) {
+          layer.value = L; head.value = H; draw();
+          s.scrollIntoView({ behavior: "instant", block: "start" });
+        },
+      };
+      draw();
+    },
+    graph(v) {
+      const s = section(v.title, v.note);
+      const layers = [...new Set(v.nodes.map((n) => n.layer))].sort((a, b) => a - b);
+      const col = new Map(layers.map((l, i) => [l, i]));
+      const perLayer = new Map();
+      v.nodes.forEach((n) => { n.slot = perLayer.get(n.layer) || 0; perLayer.set(n.layer, n.slot + 1); });
+      const maxSlots = Math.max(1, ...perLayer.values());
+      const dx = Math.max(60, Math.min(110, 900 / Math.max(1, layers.length))), dy = 46;
+      const width = 80 + layers.length * dx, height = 70 + maxSlots * dy;
+      const svg = el("svg:svg", { width, height, class: "graph" }, s);
+      const pos = new Map();
+      v.nodes.forEach((n) => pos.set(n.id, [50 + col.get(n.layer) * dx, 40 + n.slot * dy]));
+      const maxW = Math.max(1e-9, ...v.edges.map((e) => Math.abs(e.value)));
+      v.edges.forEach((e) => {
+        const [x1, y1] = pos.get(e.source), [x2, y2] = pos.get(e.target);
+        const line = el("svg:line", { x1, y1, x2, y2, class: "edge", "stroke-width": 1 + 5 * Math.abs(e.value) / maxW }, svg);
+        hover(line, `${e.source} \u2192 ${e.target}: ${e.label} ${fmt(e.value)}`);
+      });
+      v.nodes.forEach((n) => {
+        const [x, y] = pos.get(n.id);
+        const g = el("svg:g", { class: "node", "data-head": n.id }, svg);
+        el("svg:circle", { cx: x, cy: y, r: 15, fill: v.colours[n.cls] || "#999" }, g);
+        el("svg:text", { x, y: y + 4, "text-anchor": "middle" }, g, n.id);
+        hover(g, `${n.id} (${n.cls})` + (n.info ? `\n${n.info}` : ""));
+        if (attentionViewer && n.head !== undefined) g.addEventListener("click", () => attentionViewer.show(n.layer, n.head));
+      });
+      layers.forEach((l) => el("svg:text", { x: 50 + col.get(l) * dx, y: height - 12, "text-anchor": "middle", class: "tick" }, svg,
+                                   (v.layerLabels && v.layerLabels[l]) || "L" + l));
+      const legend = el("div", { class: "legend" }, s);
+      Object.entries(v.colours).forEach(([cls, c]) => {
+        const item = el("span", {}, legend);
+        el("span", { class: "swatch", style: `background:${c}` }, item);
+        item.appendChild(document.createTextNode(cls));
+      });
+    },
+    scatter(v) {
+      const s = section(v.title, v.note);
+      const W = 420, H = 360, m = 50;
+      const svg = el("svg:svg", { width: W, height: H, class: "scatter" }, s);
+      const all = v.x.concat(v.y);
+      const lo = Math.min(0, ...all), hi = Math.max(1e-9, ...all);
+      const sx = (x) => m + (x - lo) / (hi - lo) * (W - 2 * m), sy = (y) => H - m - (y - lo) / (hi - lo) * (H - 2 * m);
+      el("svg:line", { x1: sx(lo), y1: sy(lo), x2: sx(hi), y2: sy(hi), class: "diagonal" }, svg);
+      el("svg:line", { x1: m, y1: H - m, x2: W - m, y2: H - m, class: "axisline" }, svg);
+      el("svg:line", { x1: m, y1: m, x2: m, y2: H - m, class: "axisline" }, svg);
+      v.x.forEach((x, i) => {
+        const c = el("svg:circle", { cx: sx(x), cy: sy(v.y[i]), r: 4, class: "point" }, svg);
+        hover(c, `${v.labels[i]}: ${v.xTitle} ${fmt(x)}, ${v.yTitle} ${fmt(v.y[i])}`);
+      });
+      el("svg:text", { x: W / 2, y: H - 12, "text-anchor": "middle", class: "axis" }, svg, v.xTitle);
+      el("svg:text", { x: 14, y: H / 2, class: "axis", transform: `rotate(-90 14 ${H / 2})`, "text-anchor": "middle" }, svg, v.yTitle);
+      el("svg:text", { x: m, y: m + 10, class: "tick" }, svg, fmt(hi));
+      el("svg:text", { x: m, y: H - m + 14, class: "tick" }, svg, fmt(lo));
+    },
+  };
+
+  document.title = data.title;
+  document.getElementById("ms-title").textContent = data.title;
+  // The attention viewer goes first in the data so that heatmaps and the graph can link to it, but it
+  // is shown where the report puts it.
+  const order = data.views.map((v, i) => [v, i]);
+  const placeholders = data.views.map(() => el("div", {}, document.getElementById("ms-main")));
+  order.sort((a, b) => (a[0].type === "attention" ? -1 : 0) - (b[0].type === "attention" ? -1 : 0));
+  for (const [view, i] of order) {
+    const main = document.getElementById("ms-main");
+    const before = main.children.length;
+    render[view.type](view);
+    while (main.children.length > before) placeholders[i].appendChild(main.children[before]);
+  }
+})();

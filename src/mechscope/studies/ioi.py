@@ -1,0 +1,272 @@
+"""The IOI study of Wang et al. 2022, automated for any supported model.
+
+The steps follow the paper; each class of heads is defined by one test, recorded per head in
+`evidence`. A threshold `tau` (a fraction of the model's logit difference F(M)) separates an effect
+from noise.
+
+1. F(M): the mean logit difference IO - S on clean prompts.
+2. Name movers: heads whose direct effect on the logit difference (DLA) is at least tau, that attend
+   from END to a name (weight >= 0.1) and whose OV circuit moves that name: they copy IO (copy
+   score >= 0.5) or suppress S (negative copy score >= 0.5; GPT-2 has no such head, SmolLM2 does).
+   Negative name movers: DLA <= -tau, attending to IO and suppressing it (or attending to S and
+   copying it).
+3. S-inhibition: path patching into the name movers' queries at END: effect <= -tau.
+4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values: effect <=
+   -tau, and an induction (resp. duplicate-token) score >= 0.3 on repeated random tokens.
+5. Previous-token heads: path patching into the induction heads' keys: effect <= -tau and a
+   previous-token score >= 0.3.
+6. Backup name movers: with the name movers knocked out, heads whose DLA grows by at least tau, to
+   at least tau (a head that only harms less is not taking over).
+7. Evaluation by knockout (mean over ABC prompts of each template): faithfulness, completeness,
+   minimality.
+
+Path patching runs on the first `n_path` prompts (it costs about one forward per sender head), the
+rest on all `n`.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from mechscope.analysis.circuit import Head, Knockouts, completeness, head_name, knockout_hooks, minimality
+from mechscope.analysis.dla import direct_logit_attribution
+from mechscope.analysis.heads import attention_from_end, copy_scores, head_scores
+from mechscope.models.hooked import HookedModel
+from mechscope.patching.exact import activation_patch
+from mechscope.patching.path import path_patch
+from mechscope.result import Result
+from mechscope.tasks.batch import ContrastiveBatch
+from mechscope.tasks.ioi import ioi, name_positions
+
+CLASSES = ("name_mover", "negative_name_mover", "backup_name_mover", "s_inhibition", "induction",
+           "duplicate_token", "previous_token")
+
+# Wang et al. 2022, GPT-2 small.
+PAPER_GPT2 = {
+    "name_mover": ["9.9", "9.6", "10.0"],
+    "negative_name_mover": ["10.7", "11.10"],
+    "backup_name_mover": ["9.0", "9.7", "10.1", "10.2", "10.6", "10.10", "11.2", "11.9"],
+    "s_inhibition": ["7.3", "7.9", "8.6", "8.10"],
+    "induction": ["5.5", "5.8", "5.9", "6.9"],
+    "duplicate_token": ["0.1", "0.10", "3.0"],
+    "previous_token": ["2.2", "4.11"],
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    n: int = 40  # prompts for DLA, attention, copy scores and knockouts
+    n_path: int = 16  # prompts for path patching (the costly step)
+    seed: int = 0
+    threshold: float = 0.01  # tau = threshold * F(M)
+    attention_min: float = 0.1  # a name mover's attention from END to the name it moves
+    copy_min: float = 0.5  # copy score of a name mover
+    detector_min: float = 0.3  # induction, duplicate-token and previous-token scores
+    reference_per_template: int = 5  # ABC prompts per template for the knockout means
+    max_per_class: int | None = None  # keep only the strongest heads of each class
+
+
+def is_gpt2_small(model: HookedModel) -> bool:
+    c = model.cfg
+    return c.family == "gpt2" and (c.n_layers, c.n_heads, c.d_model) == (12, 12, 768)
+
+
+def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bool = False,
+            log: Callable[[str], None] = lambda text: None) -> dict:
+    """Run the study; returns what `mechscope ioi` writes to ioi.json."""
+    s = settings
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    intermediate: dict[str, dict] = {}
+    evidence: dict[str, dict] = {}
+    circuit: dict[str, list[Head]] = {c: [] for c in CLASSES}
+    unclassified: dict[str, dict] = {}
+
+    def step(name: str):
+        timings[name] = round(time.perf_counter() - start - sum(timings.values()), 2)
+        log(f"{name}: {timings[name]:.1f} s")
+
+    def keep(result: Result, key: str) -> Result:
+        intermediate[key] = result.to_dict()
+        return result
+
+    def classify(head: Head, cls: str, **facts) -> None:
+        if s.max_per_class is not None and len(circuit[cls]) >= s.max_per_class:
+            unclassified[head_name(head)] = {"step": f"{cls} (class full)", **facts}
+            return
+        circuit[cls].append(head)
+        unclassified.pop(head_name(head), None)
+        evidence[head_name(head)] = {"class": cls, **facts}
+
+    def classified(head: Head) -> bool:
+        return head_name(head) in evidence
+
+    # 1. Data and F(M)
+    records = ioi(s.n, seed=s.seed, model=model)
+    batch = ContrastiveBatch.from_records(model, records)
+    path_batch = ContrastiveBatch.from_records(model, records[: s.n_path])
+    templates = sorted(set(batch.groups))
+    reference = ContrastiveBatch.from_records(model, [
+        r for i, t in enumerate(templates)
+        for r in ioi(s.reference_per_template, seed=s.seed + 1000 + i, model=model, templates=[t])])
+    knockouts = Knockouts(model, batch, reference=reference)
+    f_model = knockouts.model_logit_diff
+    tau = s.threshold * max(abs(f_model), 1e-3)
+    log(f"F(M) = {f_model:.3f} on {len(batch)} prompts; tau = {tau:.3f}")
+    step("data and F(M)")
+
+    # 2. Name movers: direct effect, attention to a name, OV copying
+    positions = name_positions(batch)
+    dla = keep(direct_logit_attribution(model, batch), "dla")
+    attention = {k: keep(r, f"attention_end_to_{k}") for k, r in
+                 attention_from_end(model, batch, {k: positions[k] for k in ("IO", "S1", "S2")}).items()}
+    att_io, att_s = attention["IO"].values, attention["S1"].values + attention["S2"].values  # [layer, head]
+    strong = [(l, h) for l, h in _heads(model) if abs(dla.values[l, h]) >= tau]
+    copy = copy_scores(model, batch, {"IO": positions["IO"], "S1": positions["S1"]}, heads=strong) if strong else {}
+    for kind, result in copy.items():
+        keep(result, f"{kind}_score")
+    for l, h in sorted(strong, key=lambda x: -abs(dla.values[x])):
+        d, io, s_att = dla.values[l, h].item(), att_io[l, h].item(), att_s[l, h].item()
+        cp, neg = copy["copy"].values[l, h].item(), copy["negative_copy"].values[l, h].item()
+        facts = {"dla": d, "attention_io": io, "attention_s": s_att, "copy": cp, "negative_copy": neg}
+        moves_io, moves_s = io >= s_att and io >= s.attention_min, s_att > io and s_att >= s.attention_min
+        if d > 0 and ((moves_io and cp >= s.copy_min) or (moves_s and neg >= s.copy_min)):
+            classify((l, h), "name_mover", mode="copies IO" if moves_io else "suppresses S", **facts)
+        elif d < 0 and ((moves_io and neg >= s.copy_min) or (moves_s and cp >= s.copy_min)):
+            classify((l, h), "negative_name_mover", mode="suppresses IO" if moves_io else "copies S", **facts)
+        else:
+            unclassified[head_name((l, h))] = {"step": "direct effect", **facts}
+    step("name movers")
+
+    # 3. S-inhibition: path patching into the name movers' queries at END
+    detectors = {k: keep(r, f"{k}_score") for k, r in head_scores(model, seed=s.seed).items()}
+    step("head detectors")
+    movers = circuit["name_mover"]
+
+    def senders_into(receivers: list[Head], receiver_input: str, at: str, key: str) -> list[tuple[Head, float]]:
+        if not receivers or max(l for l, _ in receivers) == 0:
+            return []
+        log(f"path patching into the {receiver_input} of {', '.join(head_name(r) for r in receivers)}")
+        result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
+                                 progress=progress), key)
+        found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
+                 for h in range(model.cfg.n_heads) if result.values[l, h] <= -tau]
+        return sorted(found, key=lambda x: x[1])
+
+    for head, effect in senders_into(movers, "q", "read", "path_to_name_mover_queries"):
+        if not classified(head):
+            classify(head, "s_inhibition", path_effect=effect, attention_s2=attention["S2"].values[head].item())
+    step("S-inhibition")
+
+    # 4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values
+    kv = _kv_heads(model, circuit["s_inhibition"])
+    for head, effect in senders_into(kv, "v", "all", "path_to_s_inhibition_values"):
+        if classified(head):
+            continue
+        ind, dup = detectors["induction"].values[head].item(), detectors["duplicate_token"].values[head].item()
+        facts = {"path_effect": effect, "induction_score": ind, "duplicate_token_score": dup}
+        if max(ind, dup) >= s.detector_min:
+            classify(head, "induction" if ind >= dup else "duplicate_token", **facts)
+        else:
+            unclassified[head_name(head)] = {"step": "into S-inhibition values", **facts}
+    step("induction and duplicate-token")
+
+    # 5. Previous-token heads: path patching into the induction heads' keys
+    for head, effect in senders_into(_kv_heads(model, circuit["induction"]), "k", "all", "path_to_induction_keys"):
+        if classified(head):
+            continue
+        prev = detectors["previous_token"].values[head].item()
+        if prev >= s.detector_min:
+            classify(head, "previous_token", path_effect=effect, previous_token_score=prev)
+        else:
+            unclassified[head_name(head)] = {"step": "into induction keys", "path_effect": effect,
+                                             "previous_token_score": prev}
+    step("previous-token")
+
+    # 6. Backup name movers: DLA again with the name movers knocked out
+    if movers:
+        everyone = set(_heads(model))
+        with model.hooks(fwd_hooks=knockout_hooks(model, everyone - set(movers), knockouts.means)):
+            after = keep(direct_logit_attribution(model, batch), "dla_without_name_movers")
+        for l, h in sorted(_heads(model), key=lambda x: (dla.values[x] - after.values[x]).item()):
+            gain = (after.values[l, h] - dla.values[l, h]).item()
+            if gain >= tau and after.values[l, h] >= tau and not classified((l, h)):
+                classify((l, h), "backup_name_mover", dla=dla.values[l, h].item(),
+                         dla_without_name_movers=after.values[l, h].item(), gain=gain)
+    step("backup name movers")
+
+    # 7. Evaluation
+    classes = {c: heads for c, heads in circuit.items() if heads}
+    found = [h for heads in classes.values() for h in heads]
+    (f_circuit,) = knockouts.logit_diffs([set(found)])
+    complete = completeness(model, batch, classes, knockouts=knockouts) if classes else None
+    minimal = minimality(model, batch, classes, knockouts=knockouts) if classes else {}
+    step("evaluation")
+
+    # 8. For the report: the residual stream patched per position on one template, and attention
+    template = records[0]["template"]
+    one = ContrastiveBatch.from_records(model, ioi(6, seed=s.seed + 7, model=model, templates=[template]))
+    flow = activation_patch(model, one, site="resid_pre", per_position=True, progress=progress)
+    where = {int(p[0]): k for k, p in name_positions(one).items()}
+    tokens = [f"{t} ({where[i]})" if i in where else t for i, t in enumerate(model.to_str_tokens(one.clean_prompts[0]))]
+    flow.labels["pos"] = tokens[: len(flow.labels["pos"])]
+    intermediate["resid_pre_by_position"] = flow.to_dict()
+    intermediate["resid_pre_by_position"]["prompts"] = list(one.clean_prompts)
+    patterns = attention_patterns(model, [r["clean"] for r in records[:4]])
+    step("report data")
+
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    out = {
+        "model": model.cfg.model_name,
+        "family": model.cfg.family,
+        "n_prompts": len(batch),
+        "n_path_prompts": len(path_batch),
+        "seed": s.seed,
+        "settings": asdict(s),
+        "tau": tau,
+        "logit_diff": f_model,
+        "circuit": {c: [head_name(h) for h in heads] for c, heads in circuit.items()},
+        "n_circuit_heads": len(found),
+        "n_model_heads": n_heads,
+        "circuit_logit_diff": f_circuit,
+        "faithfulness": f_circuit / f_model if f_model else float("nan"),
+        "completeness": None if complete is None else asdict(complete),
+        "minimality": minimal,
+        "evidence": evidence,
+        "unclassified": unclassified,
+        "seconds": round(time.perf_counter() - start, 2),
+        "step_seconds": timings,
+        "prompts": records,
+        "intermediate": intermediate,
+        "attention_patterns": patterns,
+    }
+    if is_gpt2_small(model):
+        out["paper_circuit"] = PAPER_GPT2
+    return out
+
+
+def attention_patterns(model: HookedModel, prompts: list[str]) -> dict:
+    """Every head's attention on a few prompts, compactly: {"tokens": per prompt, "shape": [prompt,
+    layer, head, q, k], "uint8_base64": the weights times 255, rounded}."""
+    tokens = model.to_tokens(prompts)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+    pattern = torch.stack([cache["pattern", l] for l in range(model.cfg.n_layers)], 1)  # [prompt, layer, head, q, k]
+    quantized = (pattern.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return {"tokens": [model.to_str_tokens(p) for p in prompts], "shape": list(quantized.shape),
+            "uint8_base64": base64.b64encode(quantized.cpu().numpy().tobytes()).decode()}
+
+
+def _heads(model: HookedModel) -> list[Head]:
+    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
+
+def _kv_heads(model: HookedModel, heads: list[Head]) -> list[Head]:
+    """The key/value heads that query heads read (grouped-query attention shares them)."""
+    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    return sorted({(l, h // group) for l, h in heads})

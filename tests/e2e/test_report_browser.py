@@ -1,0 +1,108 @@
+"""Reports in a real browser: headless Chromium (Debian's /usr/bin/chromium, driven by Playwright)
+opens the self-contained HTML file with the network cut off. It must load without console errors or
+requests, show a non-empty circuit graph, heatmaps and attention viewer, and a click on a head in a
+heatmap must show that head's attention. Screenshots go to the test's temporary directory."""
+
+import os
+import shutil
+
+import pytest
+
+from conftest import ioi_model, tiny_batch, tiny_model
+from mechscope.patching import activation_patch, attribution_patch
+from mechscope.patching.diagnostics import verify_top_k
+from mechscope.report import write_report
+from mechscope.studies import Settings, run_ioi
+
+# Every test passes at zero, and the strongest two of each class stay, so that a random model fills
+# every class.
+LOOSE = Settings(n=8, n_path=4, threshold=0.0, attention_min=0.0, copy_min=0.0, detector_min=0.0,
+                 reference_per_template=2, max_per_class=2)
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api")
+if not os.path.exists(CHROMIUM):
+    if os.environ.get("MECHSCOPE_REQUIRE_BROWSER"):
+        raise RuntimeError(f"no Chromium at {CHROMIUM}: `make test` installs Debian's chromium package")
+    pytest.skip("no Chromium (make test installs it)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+def open_report(browser, path):
+    """The page, and the console errors and network requests it made while loading."""
+    page = browser.new_page(viewport={"width": 1300, "height": 900})
+    errors, requests = [], []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("request", lambda r: requests.append(r.url) if r.url != path.as_uri() else None)
+    page.route("**/*", lambda route: route.continue_() if route.request.url == path.as_uri() else route.abort())
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, errors, requests
+
+
+@pytest.fixture(scope="module")
+def ioi_report(tmp_path_factory):
+    model = ioi_model("llama-gqa", layers=6)
+    study = run_ioi(model, LOOSE)
+    path = tmp_path_factory.mktemp("ioi") / "report.html"
+    write_report(study, path)
+    return path, study
+
+
+def test_ioi_report_in_chromium(browser, ioi_report):
+    path, study = ioi_report
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    n_found = sum(len(h) for h in study["circuit"].values())
+    assert n_found > 0
+    assert page.locator("svg.graph .node").count() == n_found + 1  # the heads, and the logits
+    assert page.locator("svg.graph .edge").count() > 0
+    assert page.locator("svg.heatmap").first.locator("rect.cell").count() == 6 * 4  # layers x heads
+    assert page.locator(".attn-box svg.heatmap rect.cell").count() > 0
+    page.screenshot(path=str(path.with_suffix(".png")), full_page=True)
+
+    # click head 2.3 in the DLA heatmap: the attention viewer shows it
+    page.locator("svg.heatmap[data-title^='Direct logit'] rect.cell[data-row='2'][data-col='3']").click()
+    assert page.locator(".attn-title").inner_text().startswith("head 2.3,")
+    assert page.locator("select.attn-layer").input_value() == "2" and page.locator("select.attn-head").input_value() == "3"
+    # hover shows the weight
+    page.locator(".attn-box rect.cell").first.hover()
+    assert "query" in page.locator("#ms-tip").inner_text()
+    # every heatmap of the study draws
+    select = page.locator("select.map-select").first
+    for i in range(select.locator("option").count()):
+        select.select_option(str(i))
+        cells = page.locator(".map-box").first.locator("rect.cell").count()
+        assert cells > 0 and cells % 4 == 0  # path patching maps have only the senders' layers
+    assert errors == [] and requests == []
+    page.screenshot(path=str(path.with_name("report-clicked.png")), full_page=True)
+
+
+def test_result_report_in_chromium(browser, tmp_path):
+    model = tiny_model("gpt2")
+    batch = tiny_batch(model)
+    exact = activation_patch(model, batch, site="head_z", per_position=True)
+    path = write_report(exact, tmp_path / "exact.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    assert page.locator("svg.heatmap rect.cell").count() == 3 * 4  # averaged over positions
+    page.locator("select.map-select").select_option("1")  # layer x position
+    assert page.locator("svg.heatmap rect.cell").count() == 3 * batch.clean.shape[1]
+    assert "Top components" in page.content()
+
+    estimate = attribution_patch(model, batch, sites=["head_z"])["head_z"]
+    check = verify_top_k(model, batch, estimate, 3)
+    estimate.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
+    path = write_report(estimate, tmp_path / "atp.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    assert page.locator("svg.scatter circle.point").count() == len(check.top) + len(check.sample)
+    page.screenshot(path=str(tmp_path / "atp.png"), full_page=True)
