@@ -68,3 +68,42 @@ def test_attribute_writes_json_and_verifies(model_dir, tmp_path):
     assert len(result["extra"]["verify"]["top"]) == 2 and "graddrop" in result["extra"]
     for key in ("values", "metric", "clean_metric", "corrupt_metric", "model", "n_prompts", "seconds", "labels"):
         assert key in result
+
+
+@pytest.fixture
+def ioi_model_dir(tmp_path):
+    from conftest import ioi_model
+
+    model = ioi_model("llama-gqa", layers=4)
+    model.hf.save_pretrained(tmp_path / "ioi-m")
+    model.tokenizer.save_pretrained(tmp_path / "ioi-m")
+    return tmp_path / "ioi-m"
+
+
+def test_ioi_writes_json_and_report(ioi_model_dir, tmp_path):
+    out = tmp_path / "study"
+    done = runner.invoke(app, ["ioi", "--model", str(ioi_model_dir), "--n", "6", "--n-path", "3", "--seed", "2",
+                               "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    data = json.loads((out / "ioi.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in ioi.json"))
+    assert data["n_prompts"] == 6 and data["n_path_prompts"] == 3 and data["seed"] == 2
+    assert set(data["circuit"]) == {"name_mover", "negative_name_mover", "backup_name_mover", "s_inhibition",
+                                    "induction", "duplicate_token", "previous_token"}
+    assert "F(M)" in done.output and "name_mover" in done.output
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and not any(x in page for x in ("<script src", "<link", "url(", "@import"))
+
+    again = tmp_path / "again.html"
+    done = runner.invoke(app, ["report", str(out), "-o", str(again)])
+    assert done.exit_code == 0, done.output
+    assert again.read_text() == page
+
+
+def test_report_errors(tmp_path):
+    done = runner.invoke(app, ["report", str(tmp_path / "missing.json")])
+    assert done.exit_code == 1 and "does not exist" in " ".join(done.output.split())
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    done = runner.invoke(app, ["report", str(bad)])
+    assert done.exit_code == 1 and "neither an IOI study" in " ".join(done.output.split())
+    assert not bad.with_suffix(".html").exists()

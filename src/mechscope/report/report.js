@@ -29,10 +29,11 @@
     node.addEventListener("mouseleave", hideTip);
   }
 
-  // Colours: signed values on blue-white-red, fractions in [0, 1] on white-purple.
+  // Colours: signed values on blue-white-red, fractions in [0, 1] on white-purple. The square root
+  // keeps small effects visible beside one large one.
   function colour(v, scale, diverging) {
     if (v === null || Number.isNaN(v)) return "#eee";
-    const t = Math.max(-1, Math.min(1, scale ? v / scale : 0));
+    const r = Math.max(-1, Math.min(1, scale ? v / scale : 0)), t = Math.sign(r) * Math.sqrt(Math.abs(r));
     if (!diverging) {
       const a = Math.max(0, t);
       return `rgb(${Math.round(255 - 150 * a)},${Math.round(255 - 200 * a)},${Math.round(255 - 60 * a)})`;
@@ -60,6 +61,8 @@
       hover(r, `${m.rowTitle} ${m.rows[i]}, ${m.colTitle} ${m.cols[j]}: ${fmt(v)}`);
       if (onClick) r.addEventListener("click", () => onClick(i, j));
     }));
+    (m.marks || []).forEach(([i, j]) => el("svg:rect", { x: left + j * cell, y: top + i * rowH, width: cell - 1,
+                                                         height: rowH - 1, class: "mark" }, svg));
     m.rows.forEach((label, i) => {
       if (rows > 40 && i % 2) return;
       el("svg:text", { x: left - 4, y: top + i * rowH + rowH * 0.75, "text-anchor": "end", class: "tick" }, svg, label);
@@ -70,7 +73,7 @@
     });
     el("svg:text", { x: 4, y: top - 6, class: "axis" }, svg, m.rowTitle + " \u2193");
     el("svg:text", { x: left, y: height - 8, class: "axis" }, svg,
-       `${m.colTitle} \u2192   colour: ${m.diverging === false ? "0" : "-" + fmt(scale)} .. ${fmt(scale)}`);
+       `${m.colTitle} \u2192   colour: ${m.diverging === false ? "0" : "-" + fmt(scale)} .. ${fmt(scale)} (square-root scale)`);
     return svg;
   }
 
@@ -164,14 +167,17 @@
       v.nodes.forEach((n) => { n.slot = perLayer.get(n.layer) || 0; perLayer.set(n.layer, n.slot + 1); });
       const maxSlots = Math.max(1, ...perLayer.values());
       const dx = Math.max(60, Math.min(110, 900 / Math.max(1, layers.length))), dy = 46;
-      const width = 80 + layers.length * dx, height = 70 + maxSlots * dy;
+      const top = 30 + 0.125 * (layers.length - 1) * dx;  // room for the highest arc
+      const width = 80 + layers.length * dx, height = top + 30 + maxSlots * dy;
       const svg = el("svg:svg", { width, height, class: "graph" }, s);
       const pos = new Map();
-      v.nodes.forEach((n) => pos.set(n.id, [50 + col.get(n.layer) * dx, 40 + n.slot * dy]));
+      v.nodes.forEach((n) => pos.set(n.id, [50 + col.get(n.layer) * dx, top + n.slot * dy]));
       const maxW = Math.max(1e-9, ...v.edges.map((e) => Math.abs(e.value)));
       v.edges.forEach((e) => {
+        // arcs, so that an edge never runs through the heads between its ends
         const [x1, y1] = pos.get(e.source), [x2, y2] = pos.get(e.target);
-        const line = el("svg:line", { x1, y1, x2, y2, class: "edge", "stroke-width": 1 + 5 * Math.abs(e.value) / maxW }, svg);
+        const d = `M${x1},${y1} Q${(x1 + x2) / 2},${(y1 + y2) / 2 - 0.25 * Math.abs(x2 - x1)} ${x2},${y2}`;
+        const line = el("svg:path", { d, fill: "none", class: "edge", "stroke-width": 1 + 5 * Math.abs(e.value) / maxW }, svg);
         hover(line, `${e.source} \u2192 ${e.target}: ${e.label} ${fmt(e.value)}`);
       });
       v.nodes.forEach((n) => {

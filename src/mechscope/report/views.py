@@ -77,8 +77,11 @@ def ioi_views(d: dict) -> list[dict]:
                        ("duplicate_token_score", "Duplicate-token score"), ("previous_token_score", "Previous-token score")):
         if key in inter:
             maps.append(heatmap(inter[key], title, diverging=False))
+    found = [tuple(int(x) for x in h.split(".")) for heads in d["circuit"].values() for h in heads]
+    for m in maps:
+        m["marks"] = [[m["rows"].index(str(l)), h] for l, h in found if str(l) in m["rows"]]
     views.append({"type": "heatmaps", "title": "Heads (layer x head)", "maps": maps,
-                  "note": "Choose a map; click a cell to show that head's attention pattern."})
+                  "note": "Choose a map; click a cell to show that head's attention pattern. Outlined: the circuit's heads."})
 
     if "resid_pre_by_position" in inter:
         flow = inter["resid_pre_by_position"]
