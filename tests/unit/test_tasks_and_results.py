@@ -121,3 +121,17 @@ def test_patch_bad_input(model):
         activation_patch(model, batch, site="resid_pre", heads=[0])
     custom = activation_patch(model, batch, site="head_z", heads=[1], metric=lambda logits, b: logits[:, 0])
     assert custom.values.shape == (3, 1) and custom.metric == "<lambda>"
+
+
+def test_results_show_themselves_in_notebooks_as_their_report():
+    import html
+
+    from mechscope.result import Result
+
+    r = Result(values=torch.tensor([[1.0, float("nan")]]), axes=("layer", "head"),
+               labels={"layer": ["0"], "head": ["0", "1"]}, technique="dla", model="m", n_prompts=2, seconds=0.1)
+    frame = r._repr_html_()
+    assert frame.startswith("<iframe srcdoc=") and 'sandbox="allow-scripts"' in frame
+    page = html.unescape(frame.split('srcdoc="')[1].split('" style=')[0])
+    assert page.startswith("<!DOCTYPE html>") and '"values":[[1.0,null]]' in page  # NaN: strict JSON null
+    assert Result.from_json(r.to_json()).values[0, 1].isnan()

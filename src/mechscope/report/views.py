@@ -176,9 +176,19 @@ def result_views(r: dict) -> list[dict]:
         views.append({"type": "scatter", "title": "Exact patching against attribution", "x": xs, "y": ys,
                       "labels": labels, "xTitle": "exact", "yTitle": r["technique"],
                       "note": f"{len(xs)} components re-measured exactly (the top {len(verify.get('top', []))} "
-                              f"and a random sample of the rest); largest exact effect missed by the ranking: "
-                              f"{_short(verify.get('max_missed'))}. On the diagonal, the estimate is exact."})
+                              f"and a random sample of the rest): Pearson r {_short(_pearson(xs, ys))}, same sign "
+                              f"{sum((x > 0) == (y > 0) for x, y in zip(xs, ys)) / len(xs):.0%}; largest exact effect "
+                              f"missed by the ranking {_short(verify.get('max_missed'))}. On the diagonal, the "
+                              "estimate is exact."})
     return views
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
 
 
 def _top(r: dict, k: int) -> list[tuple[list[str], float]]:
