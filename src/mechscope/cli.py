@@ -202,8 +202,8 @@ def _print_circuit(result: dict) -> None:
     console.print(
         f"F(M) {result['logit_diff']:.3f}   F(C) {result['circuit_logit_diff']:.3f}   faithfulness "
         f"{result['faithfulness']:.3f}   {result['n_circuit_heads']} of {result['n_model_heads']} heads"
-        + (f"   completeness gap {c['gap']:.3f} ({c['relative']:.0%} of F(M), without {', '.join(c['removed']) or 'nothing'})"
-           if c else ""))
+        + (f"   completeness: largest |F(C\\K) - F(M\\K)| {c['gap']:.3f} ({c['relative']:.0%} of F(M)) at K = "
+           f"{', '.join(c['removed']) or 'no class'}" if c else ""))
 
 
 @app.command()

@@ -107,3 +107,14 @@ def test_report_errors(tmp_path):
     done = runner.invoke(app, ["report", str(bad)])
     assert done.exit_code == 1 and "neither an IOI study" in " ".join(done.output.split())
     assert not bad.with_suffix(".html").exists()
+
+
+def test_the_paper_heads_are_printed_beside_the_found_ones_for_gpt2(capsys):
+    from mechscope import cli
+    from mechscope.studies import PAPER_GPT2
+
+    found = {cls: [] for cls in PAPER_GPT2} | {"name_mover": ["9.9", "9.6"]}
+    cli._print_circuit({"circuit": found, "paper_circuit": PAPER_GPT2, "completeness": None, "logit_diff": 3.5,
+                        "circuit_logit_diff": 3.0, "faithfulness": 3.0 / 3.5, "n_circuit_heads": 2, "n_model_heads": 144})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Wang et al. 2022" in out and "9.9 9.6 10.0" in out and "10.7 11.10" in out and "faithfulness 0.857" in out

@@ -40,6 +40,12 @@ def test_small_and_faithful(smollm2, study):
     assert study["circuit"]["name_mover"] and study["circuit"]["s_inhibition"] and study["circuit"]["induction"]
 
 
+def test_the_report_is_small_enough_to_mail(study):
+    from mechscope.report import render
+
+    assert len(render(study).encode()) < 5e6
+
+
 def test_the_circuit_is_faithful_on_fresh_prompts(smollm2, study, fresh):
     circuit = {h for heads in study["circuit"].values() for h in parse_heads(heads)}
     reference = ContrastiveBatch.from_records(smollm2, [

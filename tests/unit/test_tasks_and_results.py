@@ -135,3 +135,6 @@ def test_results_show_themselves_in_notebooks_as_their_report():
     page = html.unescape(frame.split('srcdoc="')[1].split('" style=')[0])
     assert page.startswith("<!DOCTYPE html>") and '"values":[[1.0,null]]' in page  # NaN: strict JSON null
     assert Result.from_json(r.to_json()).values[0, 1].isnan()
+    from mechscope.report import Report
+
+    assert Report(r.to_dict())._repr_html_() == frame

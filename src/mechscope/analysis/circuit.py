@@ -25,6 +25,7 @@ from mechscope.errors import InputError
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.resume import LayerInputs
+from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
 
 Head = tuple[int, int]
@@ -85,8 +86,8 @@ class Knockouts:
     """Logit differences of the clean prompts with heads knocked out, many knockout sets per batch."""
 
     def __init__(self, model: HookedModel, batch: ContrastiveBatch, *, reference: ContrastiveBatch | None = None,
-                 chunk: int = 16):
-        self.model, self.batch, self.chunk = model, batch, chunk
+                 chunk: int = 16, progress: bool = False):
+        self.model, self.batch, self.chunk, self.progress = model, batch, chunk, progress
         self.heads = {(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)}
         self.means = group_means(model, batch, reference)
         self.inputs = LayerInputs(model, len(batch))
@@ -103,8 +104,10 @@ class Knockouts:
     def logit_diffs(self, keeps: Sequence[set[Head]]) -> list[float]:
         """The mean logit difference with every head outside each `keeps[j]` knocked out."""
         out: list[float] = []
-        for i in range(0, len(keeps), self.chunk):
-            out += self._run(keeps[i:i + self.chunk])
+        with progress_bar(self.progress and len(keeps) > self.chunk, len(keeps), "knockouts") as bar:
+            for i in range(0, len(keeps), self.chunk):
+                out += self._run(keeps[i:i + self.chunk])
+                bar.advance(len(keeps[i:i + self.chunk]))
         return out
 
     def _run(self, keeps: Sequence[set[Head]]) -> list[float]:

@@ -1,7 +1,7 @@
 """Reports: one self-contained HTML file per study or result, readable offline in any browser.
 
 `write_report(data, path)` takes the IOI study's dict (`ioi.json`) or a result (a `Result` or its
-JSON dict); `render(data)` returns the page as a string."""
+JSON dict); `render(data)` returns the page as a string; `Report(data)` shows it in a notebook."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ def write_report(data, path: str | Path) -> Path:
     return html.write(render(data), path)
 
 
+class Report:
+    """A report to show in a notebook (`Report(run_ioi(model))` as a cell's last line) or to save."""
+
+    def __init__(self, data):
+        self.page = render(data)
+
+    def _repr_html_(self) -> str:
+        return html.iframe(self.page)
+
+    def save(self, path: str | Path) -> Path:
+        return html.write(self.page, path)
+
+
 def load(path: str | Path) -> dict:
     """The data of a report source: a result JSON, an ioi.json, or a directory holding ioi.json."""
     path = Path(path)
@@ -43,4 +56,4 @@ def load(path: str | Path) -> dict:
         raise InputError(f"{path} is not JSON ({err.msg} at line {err.lineno})") from None
 
 
-__all__ = ["load", "render", "write_report"]
+__all__ = ["Report", "load", "render", "write_report"]

@@ -114,7 +114,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     reference = ContrastiveBatch.from_records(model, [
         r for i, t in enumerate(templates)
         for r in ioi(s.reference_per_template, seed=s.seed + 1000 + i, model=model, templates=[t])])
-    knockouts = Knockouts(model, batch, reference=reference)
+    knockouts = Knockouts(model, batch, reference=reference, progress=progress)
     f_model = knockouts.model_logit_diff
     tau = s.threshold * max(abs(f_model), 1e-3)
     log(f"F(M) = {f_model:.3f} on {len(batch)} prompts; tau = {tau:.3f}")
