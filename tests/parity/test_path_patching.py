@@ -43,10 +43,11 @@ def literal_path_patch(model, batch, receivers, receiver_input, at, direction):
                 for l, h in receivers:
                     if l != hook.layer:
                         continue
-                    if at == "all":
+                    if isinstance(at, str) and at == "all":
                         act[:, :, h] = recorded[hook.name][:, :, h]
                     else:
-                        for b, p in enumerate(batch.read_pos.tolist()):
+                        positions = batch.read_pos if isinstance(at, str) else at  # "read", or one per prompt
+                        for b, p in enumerate(positions.tolist()):
                             act[b, p, h] = recorded[hook.name][b, p, h]
                 return act
 
@@ -55,7 +56,8 @@ def literal_path_patch(model, batch, receivers, receiver_input, at, direction):
 
 
 CASES = [("logits", "q", "all", "noise"), ([(2, 1)], "q", "all", "noise"), ([(2, 0), (1, 3)], "q", "read", "noise"),
-         ([(2, 0)], "k", "read", "denoise"), ([(1, 0), (2, 0)], "v", "all", "denoise")]  # kv head 0: qwen2 has one
+         ([(2, 0)], "k", "read", "denoise"), ([(1, 0), (2, 0)], "v", "all", "denoise"),  # kv head 0: qwen2 has one
+         ([(2, 0)], "v", torch.tensor([8, 11]), "noise")]  # one position per prompt (IOI: S2); within Gemma's window
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -149,6 +149,7 @@ def test_the_study_runs_end_to_end_and_writes_strict_json(family, tmp_path):
     found = [h for hs in data["circuit"].values() for h in hs]
     assert len(found) == len(set(found)) == data["n_circuit_heads"] == len(data["evidence"])
     assert set(data["minimality"]) == set(found)
+    assert data["edges"] and all(e["source"] in found and e["target"] in found for e in data["edges"])
     assert data["faithfulness"] == pytest.approx(data["circuit_logit_diff"] / data["logit_diff"])
     for key in ("dla", "attention_end_to_IO", "induction_score", "resid_pre_by_position"):
         assert key in data["intermediate"], key

@@ -38,7 +38,7 @@ def path_patch(
     *,
     receivers: str | Sequence[tuple[int, int]] = "logits",
     receiver_input: str = "q",
-    at: str = "all",
+    at: str | Tensor = "all",
     metric: str | Metric = "logit_diff",
     direction: str = "noise",
     senders: Sequence[tuple[int, int]] | None = None,
@@ -48,8 +48,9 @@ def path_patch(
     metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
 
     receivers: "logits" (the final residual stream) or [(layer, head), ...] whose `receiver_input`
-    ("q", "k" or "v"; k and v name key/value heads) is patched, at every position (`at="all"`) or
-    at each prompt's read position (`at="read"`). senders: only these (layer, head) (the other cells
+    ("q", "k" or "v"; k and v name key/value heads) is patched, at every position (`at="all"`), at
+    each prompt's read position (`at="read"`) or at one given position per prompt (`at`: [batch]
+    positions, e.g. IOI's S2). senders: only these (layer, head) (the other cells
     are NaN); default every head before the last receiver.
     """
     start = time.perf_counter()
@@ -58,8 +59,10 @@ def path_patch(
     to_logits = receivers == "logits"
     if not to_logits:
         receivers = [tuple(r) for r in receivers]
-        if receiver_input not in ("q", "k", "v") or at not in ("all", "read") or not receivers:
-            raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all' or 'read', and at least one head")
+        positions = isinstance(at, Tensor) and at.shape == (len(batch),)
+        if receiver_input not in ("q", "k", "v") or not (positions or at in ("all", "read")) or not receivers:
+            raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all', 'read' or one position per "
+                             "prompt, and at least one head")
         n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
         bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
         if bad:
@@ -120,7 +123,8 @@ def path_patch(
         values=values, axes=("layer", "head"), labels=labels, site="head_z", technique="path",
         metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric,
         model=cfg.model_name, n_prompts=len(batch), seconds=time.perf_counter() - start,
-        extra={"receivers": receiver_text, "receiver_input": None if to_logits else receiver_input, "at": at},
+        extra={"receivers": receiver_text, "receiver_input": None if to_logits else receiver_input,
+               "at": at.tolist() if isinstance(at, Tensor) else at},
     )
 
 
@@ -151,11 +155,11 @@ def _into_receivers(model, inputs: LayerInputs, batch, receivers, receiver_input
 
         def write(act, hook, value=value, heads=heads):
             out = act.clone()  # [k * batch, pos, head, d_head]
-            if at == "all":
+            if isinstance(at, str) and at == "all":
                 out[:, :, heads] = value[:, :, heads]
             else:
                 rows = torch.arange(k * b)
-                pos = batch.read_pos.repeat(k)
+                pos = (at if isinstance(at, Tensor) else batch.read_pos).to(out.device).repeat(k)  # [k * batch]
                 for h in heads:
                     out[rows, pos, h] = value[rows, pos, h]
             return out

@@ -11,14 +11,6 @@ COLOURS = {
     "logits": "#1d2330",
 }
 
-# Which path-patching sweep joins which classes in the circuit graph: (sweep, sender classes, receiver class).
-EDGES = (
-    ("path_to_name_mover_queries", ("s_inhibition",), "name_mover"),
-    ("path_to_s_inhibition_values", ("induction", "duplicate_token"), "s_inhibition"),
-    ("path_to_induction_keys", ("previous_token",), "induction"),
-)
-
-
 def _grid(result: dict) -> tuple[list, list, list]:
     """(rows, cols, values) of a 1-, 2- or 3-axis result dict; a third axis is averaged away."""
     axes, labels, values = result["axes"], result["labels"], result["values"]
@@ -113,8 +105,8 @@ def _short(v) -> str:
 
 
 def _graph(d: dict) -> dict:
-    """Heads grouped by layer and coloured by class; edges from the path-patching sweeps (sender's
-    effect through that receiver class) and from the output heads to the logits (their DLA)."""
+    """Heads grouped by layer and coloured by class; edges from the study's per-receiver path patching
+    and from the output heads to the logits (their DLA)."""
     n_layers = d["intermediate"]["dla"]["values"].__len__()
     nodes, edges = [], []
     by_class = {cls: heads for cls, heads in d["circuit"].items()}
@@ -126,16 +118,9 @@ def _graph(d: dict) -> dict:
     nodes.sort(key=lambda n: (n["layer"], n["head"]))
     nodes.append({"id": "out", "layer": n_layers, "cls": "logits", "info": "the logits"})
     inter = d["intermediate"]
-    for sweep, senders, receiver in EDGES:
-        if sweep not in inter:
-            continue
-        values = inter[sweep]["values"]
-        for cls in senders:
-            for s in by_class.get(cls, []):
-                l, h = (int(x) for x in s.split("."))
-                for r in by_class.get(receiver, []):
-                    if int(r.split(".")[0]) > l:
-                        edges.append({"source": s, "target": r, "value": values[l][h], "label": sweep.replace("_", " ")})
+    for e in d.get("edges", []):
+        edges.append({"source": e["source"], "target": e["target"], "value": e["effect"],
+                      "label": f"path patching through {e['via']}"})
     dla = inter["dla"]["values"]
     for cls in ("name_mover", "negative_name_mover", "backup_name_mover"):
         for h in by_class.get(cls, []):
@@ -143,8 +128,8 @@ def _graph(d: dict) -> dict:
             edges.append({"source": h, "target": "out", "value": dla[l][hh], "label": "direct logit attribution"})
     return {"type": "graph", "title": "The circuit", "nodes": nodes, "edges": edges, "colours": COLOURS,
             "layerLabels": {str(n_layers): "logits"},
-            "note": "Heads by layer, coloured by class. Edges: a sender's path-patching effect through a receiver "
-                    "class (width: size), and the output heads' direct effect on the logits. Hover for numbers; "
+            "note": "Heads by layer, coloured by class. Edges: a sender's path-patching effect through one "
+                    "receiver (width: size), and the output heads' direct effect on the logits. Hover for numbers; "
                     "click a head for its attention."}
 
 

@@ -11,10 +11,10 @@ from noise.
    Negative name movers: DLA <= -tau, attending to IO and suppressing it (or attending to S and
    copying it).
 3. S-inhibition: path patching into the name movers' queries at END: effect <= -tau.
-4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values: effect <=
-   -tau, and an induction (resp. duplicate-token) score >= 0.3 on repeated random tokens.
-5. Previous-token heads: path patching into the induction heads' keys: effect <= -tau and a
-   previous-token score >= 0.3.
+4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values at S2:
+   effect <= -tau, and an induction (resp. duplicate-token) score >= 0.3 on repeated random tokens.
+5. Previous-token heads: path patching into the induction heads' keys at S1 + 1: effect <= -tau and
+   a previous-token score >= 0.3. (`receiver_positions="all"` patches every position instead.)
 6. Backup name movers: with the name movers knocked out, heads whose DLA grows by at least tau, to
    at least tau (a head that only harms less is not taking over).
 7. Evaluation by knockout (mean over ABC prompts of each template): faithfulness, completeness,
@@ -69,6 +69,9 @@ class Settings:
     detector_min: float = 0.3  # induction, duplicate-token and previous-token scores
     reference_per_template: int = 5  # ABC prompts per template for the knockout means
     max_per_class: int | None = None  # keep only the strongest heads of each class
+    # Where S-inhibition values and induction keys are patched: "paper" (at S2, and at S1 + 1, the
+    # token the induction heads attend to from S2) or "all" positions.
+    receiver_positions: str = "paper"
 
 
 def is_gpt2_small(model: HookedModel) -> bool:
@@ -148,7 +151,10 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     step("head detectors")
     movers = circuit["name_mover"]
 
-    def senders_into(receivers: list[Head], receiver_input: str, at: str, key: str) -> list[tuple[Head, float]]:
+    path_positions = name_positions(path_batch)
+    paper = s.receiver_positions == "paper"
+
+    def senders_into(receivers: list[Head], receiver_input: str, at, key: str) -> list[tuple[Head, float]]:
         if not receivers or max(l for l, _ in receivers) == 0:
             return []
         log(f"path patching into the {receiver_input} of {', '.join(head_name(r) for r in receivers)}")
@@ -165,7 +171,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
 
     # 4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values
     kv = _kv_heads(model, circuit["s_inhibition"])
-    for head, effect in senders_into(kv, "v", "all", "path_to_s_inhibition_values"):
+    at_s2 = path_positions["S2"] if paper else "all"
+    for head, effect in senders_into(kv, "v", at_s2, "path_to_s_inhibition_values"):
         if classified(head):
             continue
         ind, dup = detectors["induction"].values[head].item(), detectors["duplicate_token"].values[head].item()
@@ -177,7 +184,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     step("induction and duplicate-token")
 
     # 5. Previous-token heads: path patching into the induction heads' keys
-    for head, effect in senders_into(_kv_heads(model, circuit["induction"]), "k", "all", "path_to_induction_keys"):
+    after_s1 = path_positions["S1"] + 1 if paper else "all"
+    for head, effect in senders_into(_kv_heads(model, circuit["induction"]), "k", after_s1, "path_to_induction_keys"):
         if classified(head):
             continue
         prev = detectors["previous_token"].values[head].item()
@@ -208,7 +216,11 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     minimal = minimality(model, batch, classes, knockouts=knockouts) if classes else {}
     step("evaluation")
 
-    # 8. For the report: the residual stream patched per position on one template, and attention
+    # 8. For the report: the circuit's edges, each sender's path effect through each receiver alone
+    edges = circuit_edges(model, path_batch, circuit, path_positions if paper else None)
+    step("edges")
+
+    # 9. For the report: the residual stream patched per position on one template, and attention
     template = records[0]["template"]
     one = ContrastiveBatch.from_records(model, ioi(6, seed=s.seed + 7, model=model, templates=[template]))
     flow = activation_patch(model, one, site="resid_pre", per_position=True, progress=progress)
@@ -238,6 +250,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         "completeness": None if complete is None else asdict(complete),
         "minimality": minimal,
         "evidence": evidence,
+        "edges": edges,
         "unclassified": unclassified,
         "seconds": round(time.perf_counter() - start, 2),
         "step_seconds": timings,
@@ -248,6 +261,40 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     if is_gpt2_small(model):
         out["paper_circuit"] = PAPER_GPT2
     return out
+
+
+# The paths the study measures: (sender classes, receiver class, receiver input, position name).
+PATHS = ((("s_inhibition",), "name_mover", "q", "END"),
+         (("induction", "duplicate_token"), "s_inhibition", "v", "S2"),
+         (("previous_token",), "induction", "k", "S1+1"))
+
+
+def circuit_edges(model: HookedModel, batch: ContrastiveBatch, circuit: dict[str, list[Head]],
+                  positions: dict[str, torch.Tensor] | None) -> list[dict]:
+    """For each path of the study and each receiver, every sender's path-patching effect through that
+    receiver alone (GQA: its key/value head, shared with its group) at the paper's position, or at
+    every position when `positions` is None (END is always the read position)."""
+    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    edges = []
+    for sender_classes, receiver_class, receiver_input, where in PATHS:
+        senders = [h for c in sender_classes for h in circuit[c]]
+        receivers = {}  # the head patched -> the circuit heads it stands for
+        for l, h in circuit[receiver_class]:
+            key = (l, h) if receiver_input == "q" else (l, h // group)
+            receivers.setdefault(key, []).append((l, h))
+        for receiver, heads in receivers.items():
+            before = [x for x in senders if x[0] < receiver[0]]
+            if not before:
+                continue
+            at = "read" if where == "END" else "all" if positions is None else \
+                positions["S2"] if where == "S2" else positions["S1"] + 1
+            result = path_patch(model, batch, receivers=[receiver], receiver_input=receiver_input, at=at,
+                                senders=before)
+            edges += [{"source": head_name(x), "target": head_name(r), "effect": result.values[x].item(),
+                       "via": f"{receiver_input} of {head_name(receiver)}" + ("" if receiver_input == "q" else
+                                                                               " (key/value head)")}
+                      for x in before for r in heads]
+    return edges
 
 
 def attention_patterns(model: HookedModel, prompts: list[str]) -> dict:
