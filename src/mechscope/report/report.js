@@ -172,12 +172,13 @@
       const svg = el("svg:svg", { width, height, class: "graph" }, s);
       const pos = new Map();
       v.nodes.forEach((n) => pos.set(n.id, [50 + col.get(n.layer) * dx, top + n.slot * dy]));
-      const maxW = Math.max(1e-9, ...v.edges.map((e) => Math.abs(e.value)));
+      const maxW = {};  // widths are relative within a kind of edge (path effects, direct effects)
+      v.edges.forEach((e) => { maxW[e.kind] = Math.max(maxW[e.kind] || 1e-9, Math.abs(e.value)); });
       v.edges.forEach((e) => {
         // arcs, so that an edge never runs through the heads between its ends
         const [x1, y1] = pos.get(e.source), [x2, y2] = pos.get(e.target);
         const d = `M${x1},${y1} Q${(x1 + x2) / 2},${(y1 + y2) / 2 - 0.25 * Math.abs(x2 - x1)} ${x2},${y2}`;
-        const line = el("svg:path", { d, fill: "none", class: "edge", "stroke-width": 1 + 5 * Math.abs(e.value) / maxW }, svg);
+        const line = el("svg:path", { d, fill: "none", class: "edge", "stroke-width": 1 + 5 * Math.abs(e.value) / maxW[e.kind] }, svg);
         hover(line, `${e.source} \u2192 ${e.target}: ${e.label} ${fmt(e.value)}`);
       });
       v.nodes.forEach((n) => {

@@ -119,18 +119,19 @@ def _graph(d: dict) -> dict:
     nodes.append({"id": "out", "layer": n_layers, "cls": "logits", "info": "the logits"})
     inter = d["intermediate"]
     for e in d.get("edges", []):
-        edges.append({"source": e["source"], "target": e["target"], "value": e["effect"],
+        edges.append({"source": e["source"], "target": e["target"], "value": e["effect"], "kind": "path",
                       "label": f"path patching through {e['via']}"})
     dla = inter["dla"]["values"]
     for cls in ("name_mover", "negative_name_mover", "backup_name_mover"):
         for h in by_class.get(cls, []):
             l, hh = (int(x) for x in h.split("."))
-            edges.append({"source": h, "target": "out", "value": dla[l][hh], "label": "direct logit attribution"})
+            edges.append({"source": h, "target": "out", "value": dla[l][hh], "kind": "direct",
+                          "label": "direct logit attribution"})
     return {"type": "graph", "title": "The circuit", "nodes": nodes, "edges": edges, "colours": COLOURS,
             "layerLabels": {str(n_layers): "logits"},
             "note": "Heads by layer, coloured by class. Edges: a sender's path-patching effect through one "
-                    "receiver (width: size), and the output heads' direct effect on the logits. Hover for numbers; "
-                    "click a head for its attention."}
+                    "receiver, and the output heads' direct effect on the logits (width: size, relative within "
+                    "each kind). Hover for numbers; click a head for its attention."}
 
 
 def result_views(r: dict) -> list[dict]:
