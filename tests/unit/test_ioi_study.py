@@ -159,3 +159,12 @@ def test_the_study_runs_end_to_end_and_writes_strict_json(family, tmp_path):
             assert e["dla"] > 0
         if e["class"] in ("s_inhibition", "induction", "duplicate_token", "previous_token"):
             assert e["path_effect"] <= 0
+
+
+def test_settings_are_checked():
+    from mechscope import InputError
+
+    with pytest.raises(InputError, match="receiver_positions"):
+        Settings(receiver_positions="S2")
+    with pytest.raises(InputError, match="n_path"):
+        Settings(n=8, n_path=9)

@@ -36,6 +36,7 @@ import torch
 from mechscope.analysis.circuit import Head, Knockouts, completeness, head_name, knockout_hooks, minimality
 from mechscope.analysis.dla import direct_logit_attribution
 from mechscope.analysis.heads import attention_from_end, copy_scores, head_scores
+from mechscope.errors import InputError
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.exact import activation_patch
 from mechscope.patching.path import path_patch
@@ -72,6 +73,12 @@ class Settings:
     # Where S-inhibition values and induction keys are patched: "paper" (at S2, and at S1 + 1, the
     # token the induction heads attend to from S2) or "all" positions.
     receiver_positions: str = "paper"
+
+    def __post_init__(self):
+        if self.receiver_positions not in ("paper", "all"):
+            raise InputError(f"receiver_positions is 'paper' or 'all', not {self.receiver_positions!r}")
+        if not 1 <= self.n_path <= self.n:
+            raise InputError(f"n_path must be between 1 and n ({self.n}); got {self.n_path}")
 
 
 def is_gpt2_small(model: HookedModel) -> bool:
