@@ -11,6 +11,7 @@ COLOURS = {
     "logits": "#1d2330",
 }
 
+
 def _grid(result: dict) -> tuple[list, list, list]:
     """(rows, cols, values) of a 1-, 2- or 3-axis result dict; a third axis is averaged away."""
     axes, labels, values = result["axes"], result["labels"], result["values"]
@@ -107,7 +108,7 @@ def _short(v) -> str:
 def _graph(d: dict) -> dict:
     """Heads grouped by layer and coloured by class; edges from the study's per-receiver path patching
     and from the output heads to the logits (their DLA)."""
-    n_layers = d["intermediate"]["dla"]["values"].__len__()
+    n_layers = len(d["intermediate"]["dla"]["values"])
     nodes, edges = [], []
     by_class = {cls: heads for cls, heads in d["circuit"].items()}
     for cls, heads in by_class.items():
@@ -170,11 +171,9 @@ def result_views(r: dict) -> list[dict]:
 
 
 def _pearson(xs: list[float], ys: list[float]) -> float:
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+    import torch
+
+    return torch.corrcoef(torch.tensor([xs, ys], dtype=torch.float64))[0, 1].item() if len(xs) > 1 else float("nan")
 
 
 def _top(r: dict, k: int) -> list[tuple[list[str], float]]:
