@@ -12,50 +12,23 @@ Attribution methods take the best of 3 runs (the first backward pays a warm-up);
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import time
-
 import torch
 
-from mechscope import load_model
-from mechscope.metrics import logit_diff, read_logits
-from mechscope.models import zoo
+from common import ioi_setup, timed, tl_bridge, tl_exact_head_z
 from mechscope.patching import activation_patch, attribution_patch
 from mechscope.patching.diagnostics import compare
-from mechscope.tasks import ContrastiveBatch, ioi
 
 HEAD_SITES = ("head_z", "head_q", "head_k", "head_v", "head_pattern", "head_result")
 
 
-def timed(fn, repeats: int = 1):
-    """(result, best wall time of `repeats` runs): the first run of a backward pays warm-up."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return out, best
-
-
 def transformer_lens_runs(model, batch, skip):
     """(seconds of TL's exact head_z sweep or None, seconds of TL's AtP, its per-head scores)."""
-    from transformer_lens import patching
-    from transformer_lens.model_bridge import TransformerBridge
     from transformer_lens.tools.analysis import attribution_patching as tl_atp
 
-    source = zoo.model_dir(model.cfg.model_name) / "hf"  # its config.json; weights come from hf_model
-    bridge = TransformerBridge.boot_transformers(str(source), hf_model=model.hf, tokenizer=model.tokenizer)
+    bridge = tl_bridge(model)
     exact_seconds = None
     if "tl_exact" not in skip:
-        def sweep():
-            _, clean_cache = bridge.run_with_cache(batch.clean)
-            base = logit_diff(read_logits(bridge(batch.corrupt), batch), batch).mean()
-            metric = lambda logits: logit_diff(read_logits(logits, batch), batch).mean() - base  # noqa: E731
-            with contextlib.redirect_stderr(io.StringIO()):
-                return patching.get_act_patch_attn_head_out_all_pos(bridge, batch.corrupt, clean_cache, metric)
-        _, exact_seconds = timed(sweep)
+        _, exact_seconds = timed(lambda: tl_exact_head_z(bridge, batch))
 
     def atp():  # its loop is one pair at a time anyway; each pair gets its own answer
         scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
@@ -73,15 +46,7 @@ def transformer_lens_runs(model, batch, skip):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="a zoo alias (TransformerLens boots from its files)")
-    p.add_argument("--n", type=int, default=8, help="IOI prompts (one template: equal lengths)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=["tl_exact", "transformer_lens"])
-    args = p.parse_args()
-    torch.set_grad_enabled(False)
-    model = load_model(args.model)
-    batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=args.seed, model=model, templates=[0]))
+    args, model, batch = ioi_setup(__doc__, ["tl_exact", "transformer_lens"])
     model(batch.corrupt)  # warm up
     forward = timed(lambda: model(batch.corrupt), repeats=7)[1]  # the best of 7: robust to load
     print(f"{model}\n{len(batch)} IOI prompts of {batch.clean.shape[1]} tokens; one plain forward {forward:.3f} s\n")

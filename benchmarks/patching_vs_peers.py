@@ -13,34 +13,17 @@ Prints each time, the ratios, and the largest difference from mechscope's values
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import time
 
 import torch
 
-from mechscope import load_model
+from common import ioi_setup, tl_bridge, tl_exact_head_z
 from mechscope.metrics import logit_diff, read_logits
-from mechscope.models import zoo
 from mechscope.patching import activation_patch
-from mechscope.tasks import ContrastiveBatch, ioi
 
 
 def run_transformer_lens(model, batch) -> torch.Tensor:
-    from transformer_lens import patching
-    from transformer_lens.model_bridge import TransformerBridge
-
-    source = zoo.model_dir(model.cfg.model_name) / "hf"  # its config.json; weights come from hf_model
-    bridge = TransformerBridge.boot_transformers(str(source), hf_model=model.hf, tokenizer=model.tokenizer)
-    _, clean_cache = bridge.run_with_cache(batch.clean)
-    corrupt_ld = logit_diff(read_logits(bridge(batch.corrupt), batch), batch).mean()
-
-    def metric(logits):
-        return logit_diff(read_logits(logits, batch), batch).mean() - corrupt_ld
-
-    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, one line per head
-        return patching.get_act_patch_attn_head_out_all_pos(bridge, batch.corrupt, clean_cache, metric)
+    return tl_exact_head_z(tl_bridge(model), batch)
 
 
 def run_nnsight(model, batch) -> torch.Tensor:
@@ -68,15 +51,7 @@ def run_nnsight(model, batch) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="a zoo alias (the peers boot from its files)")
-    p.add_argument("--n", type=int, default=8, help="IOI prompts (one template: equal lengths)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip", nargs="*", default=[], choices=["transformer_lens", "nnsight"])
-    args = p.parse_args()
-    torch.set_grad_enabled(False)
-    model = load_model(args.model)
-    batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=args.seed, model=model, templates=[0]))
+    args, model, batch = ioi_setup(__doc__, ["transformer_lens", "nnsight"])
     start = time.perf_counter()
     model(batch.corrupt)
     forward = time.perf_counter() - start
