@@ -17,6 +17,7 @@ import time
 import torch
 from torch import Tensor
 
+from mechscope.analysis.heads import head_labels
 from mechscope.metrics import at_positions
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
@@ -48,8 +49,7 @@ def direct_logit_attribution(
     values = per_prompt.float().mean(-1)
     if by == "head":
         values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)
-        axes, label_map = ("layer", "head"), {"layer": [str(l) for l in range(model.cfg.n_layers)],
-                                              "head": [str(h) for h in range(model.cfg.n_heads)]}
+        axes, label_map = ("layer", "head"), head_labels(model)
     else:
         axes, label_map = ("component",), {"component": labels}
     return Result(values=values, axes=axes, labels=label_map, technique=f"dla ({run})", model=model.cfg.model_name,

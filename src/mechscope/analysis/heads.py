@@ -41,7 +41,7 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
         "duplicate_token": (second, second - length),
         "induction": (second, second - length + 1),
     }
-    labels = _head_labels(model)
+    labels = head_labels(model)
     out = {}
     for kind, (q, k) in targets.items():
         weight = pattern[:, :, :, q, k]  # [layer, batch, head, queries]
@@ -51,7 +51,8 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
     return out
 
 
-def _head_labels(model: HookedModel) -> dict[str, list[str]]:
+def head_labels(model: HookedModel) -> dict[str, list[str]]:
+    """Labels of a layer x head result."""
     return {"layer": [str(l) for l in range(model.cfg.n_layers)], "head": [str(h) for h in range(model.cfg.n_heads)]}
 
 
@@ -66,7 +67,7 @@ def attention_from_end(model: HookedModel, batch: ContrastiveBatch, positions: d
     for key, pos in positions.items():
         weight = torch.stack([cache["pattern", l][rows, :, batch.read_pos, pos]
                               for l in range(model.cfg.n_layers)])  # [layer, batch, head]
-        out[key] = Result(values=weight.float().mean(1), axes=("layer", "head"), labels=_head_labels(model),
+        out[key] = Result(values=weight.float().mean(1), axes=("layer", "head"), labels=head_labels(model),
                           technique=f"attention END -> {key}", model=model.cfg.model_name, n_prompts=len(batch),
                           seconds=time.perf_counter() - start)
     return out
@@ -106,7 +107,7 @@ def copy_scores(
             own = logits.gather(-1, tokens[:, None, None].expand(-1, len(hs), 1))  # [case, head, 1]
             scores["copy"][l, hs] = ((logits > own).sum(-1) < k).float().mean(0)
             scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).float().mean(0)
-    return {kind: Result(values=values, axes=("layer", "head"), labels=_head_labels(model),
+    return {kind: Result(values=values, axes=("layer", "head"), labels=head_labels(model),
                          technique=kind.replace("_", " ") + " score", model=cfg.model_name, n_prompts=len(batch),
                          seconds=time.perf_counter() - start, extra={"k": k, "positions": list(positions)})
             for kind, values in scores.items()}

@@ -158,12 +158,14 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     step("head detectors")
     movers = circuit["name_mover"]
 
-    path_positions = name_positions(path_batch)
-    paper = s.receiver_positions == "paper"
+    path_positions = name_positions(path_batch) if s.receiver_positions == "paper" else None
 
-    def senders_into(receivers: list[Head], receiver_input: str, at, key: str) -> list[tuple[Head, float]]:
+    def senders_into(heads: list[Head], receiver_input: str, where: str, key: str) -> list[tuple[Head, float]]:
+        """Senders whose path effect through the inputs of `heads` at `where` is <= -tau."""
+        receivers = sorted({_receiver(model, h, receiver_input) for h in heads})
         if not receivers or max(l for l, _ in receivers) == 0:
             return []
+        at = _at(where, path_positions)
         log(f"path patching into the {receiver_input} of {', '.join(head_name(r) for r in receivers)}")
         result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
                                  progress=progress), key)
@@ -171,15 +173,13 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
                  for h in range(model.cfg.n_heads) if result.values[l, h] <= -tau]
         return sorted(found, key=lambda x: x[1])
 
-    for head, effect in senders_into(movers, "q", "read", "path_to_name_mover_queries"):
+    for head, effect in senders_into(movers, "q", "END", "path_to_name_mover_queries"):
         if not classified(head):
             classify(head, "s_inhibition", path_effect=effect, attention_s2=attention["S2"].values[head].item())
     step("S-inhibition")
 
     # 4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values
-    kv = _kv_heads(model, circuit["s_inhibition"])
-    at_s2 = path_positions["S2"] if paper else "all"
-    for head, effect in senders_into(kv, "v", at_s2, "path_to_s_inhibition_values"):
+    for head, effect in senders_into(circuit["s_inhibition"], "v", "S2", "path_to_s_inhibition_values"):
         if classified(head):
             continue
         ind, dup = detectors["induction"].values[head].item(), detectors["duplicate_token"].values[head].item()
@@ -191,8 +191,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     step("induction and duplicate-token")
 
     # 5. Previous-token heads: path patching into the induction heads' keys
-    after_s1 = path_positions["S1"] + 1 if paper else "all"
-    for head, effect in senders_into(_kv_heads(model, circuit["induction"]), "k", after_s1, "path_to_induction_keys"):
+    for head, effect in senders_into(circuit["induction"], "k", "S1+1", "path_to_induction_keys"):
         if classified(head):
             continue
         prev = detectors["previous_token"].values[head].item()
@@ -205,8 +204,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
 
     # 6. Backup name movers: DLA again with the name movers knocked out
     if movers:
-        everyone = set(_heads(model))
-        with model.hooks(fwd_hooks=knockout_hooks(model, everyone - set(movers), knockouts.means)):
+        with model.hooks(fwd_hooks=knockout_hooks(model, knockouts.heads - set(movers), knockouts.means)):
             after = keep(direct_logit_attribution(model, batch), "dla_without_name_movers")
         for l, h in sorted(_heads(model), key=lambda x: (dla.values[x] - after.values[x]).item()):
             gain = (after.values[l, h] - dla.values[l, h]).item()
@@ -224,7 +222,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     step("evaluation")
 
     # 8. For the report: the circuit's edges, each sender's path effect through each receiver alone
-    edges = circuit_edges(model, path_batch, circuit, path_positions if paper else None)
+    edges = circuit_edges(model, path_batch, circuit, path_positions)
     step("edges")
 
     # 9. For the report: the residual stream patched per position on one template, and attention
@@ -233,9 +231,9 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     flow = activation_patch(model, one, site="resid_pre", per_position=True, progress=progress)
     where = {int(p[0]): k for k, p in name_positions(one).items()}
     tokens = [f"{t} ({where[i]})" if i in where else t for i, t in enumerate(model.to_str_tokens(one.clean_prompts[0]))]
-    flow.labels["pos"] = tokens[: len(flow.labels["pos"])]
-    intermediate["resid_pre_by_position"] = flow.to_dict()
-    intermediate["resid_pre_by_position"]["prompts"] = list(one.clean_prompts)
+    flow_data = flow.to_dict()
+    flow_data["labels"]["pos"] = tokens[: len(flow.labels["pos"])]  # the tokens, names marked
+    intermediate["resid_pre_by_position"] = {**flow_data, "prompts": list(one.clean_prompts)}
     patterns = attention_patterns(model, [r["clean"] for r in records[:4]])
     step("report data")
 
@@ -279,24 +277,19 @@ PATHS = ((("s_inhibition",), "name_mover", "q", "END"),
 def circuit_edges(model: HookedModel, batch: ContrastiveBatch, circuit: dict[str, list[Head]],
                   positions: dict[str, torch.Tensor] | None) -> list[dict]:
     """For each path of the study and each receiver, every sender's path-patching effect through that
-    receiver alone (GQA: its key/value head, shared with its group) at the paper's position, or at
-    every position when `positions` is None (END is always the read position)."""
-    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    receiver alone (GQA: its key/value head, shared with its group), at `_at(where, positions)`."""
     edges = []
     for sender_classes, receiver_class, receiver_input, where in PATHS:
         senders = [h for c in sender_classes for h in circuit[c]]
         receivers = {}  # the head patched -> the circuit heads it stands for
-        for l, h in circuit[receiver_class]:
-            key = (l, h) if receiver_input == "q" else (l, h // group)
-            receivers.setdefault(key, []).append((l, h))
+        for head in circuit[receiver_class]:
+            receivers.setdefault(_receiver(model, head, receiver_input), []).append(head)
         for receiver, heads in receivers.items():
             before = [x for x in senders if x[0] < receiver[0]]
             if not before:
                 continue
-            at = "read" if where == "END" else "all" if positions is None else \
-                positions["S2"] if where == "S2" else positions["S1"] + 1
-            result = path_patch(model, batch, receivers=[receiver], receiver_input=receiver_input, at=at,
-                                senders=before)
+            result = path_patch(model, batch, receivers=[receiver], receiver_input=receiver_input,
+                                at=_at(where, positions), senders=before)
             edges += [{"source": head_name(x), "target": head_name(r), "effect": result.values[x].item(),
                        "via": f"{receiver_input} of {head_name(receiver)}" + ("" if receiver_input == "q" else
                                                                                " (key/value head)")}
@@ -320,7 +313,19 @@ def _heads(model: HookedModel) -> list[Head]:
     return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
-def _kv_heads(model: HookedModel, heads: list[Head]) -> list[Head]:
-    """The key/value heads that query heads read (grouped-query attention shares them)."""
-    group = model.cfg.n_heads // model.cfg.n_kv_heads
-    return sorted({(l, h // group) for l, h in heads})
+def _receiver(model: HookedModel, head: Head, receiver_input: str) -> Head:
+    """The head whose `receiver_input` is patched for query head `head`: itself for "q", else the
+    key/value head it reads (grouped-query attention shares them)."""
+    if receiver_input == "q":
+        return head
+    return head[0], head[1] // (model.cfg.n_heads // model.cfg.n_kv_heads)
+
+
+def _at(where: str, positions: dict[str, torch.Tensor] | None):
+    """Where a receiver input is patched, for `path_patch(at=...)`: END is each prompt's read
+    position; S2 and S1+1 are per prompt (the paper's), or every position when `positions` is None."""
+    if where == "END":
+        return "read"
+    if positions is None:
+        return "all"
+    return positions["S2"] if where == "S2" else positions["S1"] + 1
