@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,18 +19,23 @@ models_app = typer.Typer(help="The offline model zoo.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 console = Console()
 
+# Generated prompts: the patching engines hold the whole batch's logits at once, so a batch this
+# large already needs gigabytes (HookedModel refuses one that cannot fit in memory).
+MAX_PROMPTS = 5000
+
 # Options shared by the commands that patch or attribute.
 ModelSpec = Annotated[str, typer.Option(help="Model spec: zoo alias, directory, .gguf or hub id.")]
 Site = Annotated[str, typer.Option(help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|head_z|head_q|head_k|head_v|head_pattern|head_result")]
 Out = Annotated[Path, typer.Option(help="Where to write the result JSON.")]
 Prompts = Annotated[Optional[Path], typer.Option(help='JSONL: one {"clean", "corrupt", "answer", "wrong"} per line.')]
 Task = Annotated[Optional[str], typer.Option(help="A built-in task instead of --prompts: ioi.")]
-N = Annotated[int, typer.Option(help="Prompts to generate for --task.")]
+N = Annotated[int, typer.Option(help=f"Prompts to generate for --task (1 to {MAX_PROMPTS}).")]
 Seed = Annotated[int, typer.Option(help="Seed for --task.")]
 PerPosition = Annotated[bool, typer.Option("--per-position", help="One component per position too.")]
 Direction = Annotated[str, typer.Option(help="denoise (clean into corrupt) or noise (corrupt into clean).")]
 MetricName = Annotated[str, typer.Option(help="logit_diff, answer_prob or kl_div.")]
 Top = Annotated[int, typer.Option(help="How many components to print.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 
 
 @contextmanager
@@ -39,7 +46,7 @@ def _clear_errors():
     try:
         yield
     except MechscopeError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -55,6 +62,11 @@ DEMO_PROMPTS = [
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does: temporaries are removed
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @models_app.command("list")
@@ -117,22 +129,21 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
 def patch(
     model: ModelSpec, site: Site, out: Out, prompts: Prompts = None, task: Task = None, n: N = 8, seed: Seed = 0,
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
-    top: Top = 10,
+    top: Top = 10, overwrite: Overwrite = False,
 ) -> None:
-    """Exact activation patching of every component of a site; writes a JSON result."""
+    """Exact activation patching of every component of a site; writes OUT (JSON) and its report
+    (OUT with .html)."""
     from mechscope.patching import activation_patch
-    from mechscope.patching.sites import patch_site
 
     with _clear_errors():
-        patch_site(site)  # before the model loads
+        files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
         m = _load(model)
         batch = _batch(m, prompts, task, n, seed)
         result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
                                   metric=metric, progress=True)
-    result.to_json(out)
-    _write_html(result, out)
+        _write_result(result, files)
     _print_top(result, top)
-    console.print(f"wrote {out} and {out.with_suffix('.html')} ({result.seconds:.1f} s)")
+    console.print(f"wrote {files[0]} and {files[1]} ({result.seconds:.1f} s)")
 
 
 @app.command()
@@ -141,17 +152,20 @@ def attribute(
     method: Annotated[str, typer.Option(help="atp, or atp* (QK fix and GradDrop).")] = "atp",
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
     verify: Annotated[int, typer.Option(help="Check the top K estimates (and K random others) by exact patching.")] = 0,
-    top: Top = 10,
+    top: Top = 10, overwrite: Overwrite = False,
 ) -> None:
-    """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes."""
+    """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes;
+    writes OUT (JSON) and its report (OUT with .html)."""
+    from mechscope.errors import InputError
     from mechscope.patching import attribution_patch
     from mechscope.patching.diagnostics import verify_top_k
-    from mechscope.patching.sites import patch_site
 
     with _clear_errors():
-        patch_site(site)
         if method not in ("atp", "atp*"):
-            raise typer.BadParameter(f"--method must be atp or atp*, not {method!r}")
+            raise InputError(f"--method must be atp or atp*, not {method!r}")
+        if verify < 0:
+            raise InputError(f"--verify must be 0 (no check) or a number of components to check, not {verify}")
+        files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
         m = _load(model)
         batch = _batch(m, prompts, task, n, seed)
         result = attribution_patch(m, batch, sites=[site], method=method, per_position=per_position,
@@ -160,10 +174,9 @@ def attribute(
             check = verify_top_k(m, batch, result, verify)
             result.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
             console.print(f"verified: {check}")
-    result.to_json(out)
-    _write_html(result, out)
+        _write_result(result, files)
     _print_top(result, top)
-    console.print(f"wrote {out} and {out.with_suffix('.html')} ({result.seconds:.1f} s; {result.extra['passes']})")
+    console.print(f"wrote {files[0]} and {files[1]} ({result.seconds:.1f} s; {result.extra['passes']})")
 
 
 @app.command("ioi")
@@ -174,22 +187,32 @@ def ioi_study(
     n_path: Annotated[int, typer.Option(help="Of those, how many path patching uses (its cost grows with them).")] = 16,
     seed: Seed = 0,
     threshold: Annotated[float, typer.Option(help="An effect counts when |effect| >= threshold * F(M).")] = 0.01,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the ioi.json and report.html of an "
+                                            "earlier run in OUT.")] = False,
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
-    evaluate it; writes OUT/ioi.json and OUT/report.html."""
-    from mechscope.report import write_report
+    evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done)."""
+    from mechscope.errors import InputError, OutputError
+    from mechscope.outputs import check_outputs, write_files
+    from mechscope.report import render
     from mechscope.result import write_json
     from mechscope.studies.ioi import Settings, run_ioi
 
     with _clear_errors():
+        if not 1 <= n <= MAX_PROMPTS:
+            raise InputError(f"--n must be between 1 and {MAX_PROMPTS} prompts, not {n}")
         settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
+        if os.path.lexists(out) and not out.is_dir():
+            raise OutputError(f"--out {out} exists and is not a folder; give a folder for ioi.json and report.html")
+        files = [out / "ioi.json", out / "report.html"]
+        check_outputs(files if out.is_dir() else [out], overwrite=overwrite)  # OUT's folder must be writable
+        console.print(f"will write {files[0]} and {files[1]}")
         m = _load(model)
-        out.mkdir(parents=True, exist_ok=True)
         result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
-    write_json(result, out / "ioi.json", indent=1)
-    write_report(result, out / "report.html")
+        out.mkdir(exist_ok=True)
+        write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
     _print_circuit(result)
-    console.print(f"wrote {out / 'ioi.json'} and {out / 'report.html'} ({result['seconds']:.0f} s)")
+    console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
 
 
 def _print_circuit(result: dict) -> None:
@@ -210,21 +233,58 @@ def _print_circuit(result: dict) -> None:
 def report(
     source: Annotated[Path, typer.Argument(help="A result JSON (patch, attribute) or a directory written by `mechscope ioi`.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The HTML file (default: beside the source).")] = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Write a self-contained HTML report (opens offline in any browser)."""
+    from mechscope.outputs import check_outputs
     from mechscope.report import load, write_report
 
     with _clear_errors():
-        data = load(source)
         target = output or (source / "report.html" if source.is_dir() else source.with_suffix(".html"))
+        read = source / "ioi.json" if source.is_dir() else source
+        check_outputs([target], inputs=[read], overwrite=overwrite, flag="--output")
+        data = load(source)
         write_report(data, target)
     console.print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB)")
 
 
-def _write_html(result, out: Path) -> None:
-    from mechscope.report import write_report
+def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str | None, n: int, top: int,
+                         direction: str, metric: str, overwrite: bool) -> list[Path]:
+    """Everything about a patch/attribute command that can be checked before the model loads; returns
+    the files it will write (the JSON, the report) and says so."""
+    from mechscope.errors import InputError
+    from mechscope.metrics import check_metric_name
+    from mechscope.outputs import check_outputs
+    from mechscope.patching.sites import patch_site
+    from mechscope.tasks.batch import check_direction
 
-    write_report(result, out.with_suffix(".html"))
+    patch_site(site)
+    check_direction(direction)
+    check_metric_name(metric)
+    if (prompts is None) == (task is None):
+        raise InputError("give either --prompts FILE.jsonl or --task ioi")
+    if task is not None and task != "ioi":
+        raise InputError(f"unknown task {task!r}; the built-in task is ioi")
+    if task is not None and not 1 <= n <= MAX_PROMPTS:
+        raise InputError(f"--n must be between 1 and {MAX_PROMPTS} prompts, not {n}")
+    if top < 0:
+        raise InputError(f"--top must be 0 or more, not {top}")
+    if prompts is not None and not prompts.is_file():
+        raise InputError(f"--prompts {prompts} is not a file; give a JSONL file of prompts")
+    if out.suffix == ".html":
+        raise InputError(f"--out {out} names the result JSON; its report is written beside it with .html "
+                         f"(give --out {out.with_suffix('.json')})")
+    files = check_outputs([out, out.with_suffix(".html")], inputs=[prompts] if prompts else [], overwrite=overwrite)
+    console.print(f"will write {files[0]} and {files[1]}")
+    return files
+
+
+def _write_result(result, files: list[Path]) -> None:
+    """The result's JSON and its report, both or neither."""
+    from mechscope.outputs import write_files
+    from mechscope.report import render
+
+    write_files({files[0]: result.to_json(), files[1]: render(result)})
 
 
 def _load(spec: str):
@@ -234,15 +294,10 @@ def _load(spec: str):
 
 
 def _batch(model, prompts: Path | None, task: str | None, n: int, seed: int):
-    from mechscope.errors import InputError
     from mechscope.tasks import ContrastiveBatch, ioi
 
-    if (prompts is None) == (task is None):
-        raise InputError("give either --prompts FILE.jsonl or --task ioi")
     if prompts is not None:
         return ContrastiveBatch.from_jsonl(model, prompts)
-    if task != "ioi":
-        raise InputError(f"unknown task {task!r}; the built-in task is ioi")
     return ContrastiveBatch.from_records(model, ioi(n, seed=seed, model=model))
 
 

@@ -22,3 +22,7 @@ class ModelLoadError(MechscopeError, OSError):
 
 class InputError(MechscopeError, ValueError):
     """Bad input: tokens outside the vocabulary, clean/corrupt pairs of different lengths, ..."""
+
+
+class OutputError(MechscopeError, OSError):
+    """An output path that cannot be written without harm: a directory, a device, an input, ..."""

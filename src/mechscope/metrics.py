@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.errors import InputError
+
 if TYPE_CHECKING:
     from mechscope.tasks.batch import ContrastiveBatch
 
@@ -57,13 +59,18 @@ def kl_div(logits: Tensor, batch: "ContrastiveBatch", *, reference: Tensor) -> T
 METRICS = {"logit_diff": logit_diff, "answer_prob": answer_prob, "kl_div": kl_div}
 
 
+def check_metric_name(metric: str | Metric) -> None:
+    """An InputError unless `metric` is a built-in metric's name or a function (before any work)."""
+    if not callable(metric) and metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function "
+                         "(logits [..., batch, d_vocab], batch) -> [..., batch]")
+
+
 def resolve_metric(metric: str | Metric, clean_read_logits: Tensor) -> tuple[str, Metric]:
     """(name, function) for a metric name or a custom function; kl_div is bound to the clean run."""
+    check_metric_name(metric)
     if callable(metric):
         return getattr(metric, "__name__", "custom"), metric
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function "
-                         "(logits [..., batch, d_vocab], batch) -> [..., batch]")
     if metric == "kl_div":
         return metric, partial(kl_div, reference=clean_read_logits)
     return metric, METRICS[metric]

@@ -35,9 +35,9 @@ def write_json(data: dict, path: str | Path | None = None, *, indent: int | None
     """Strict JSON text of `data`; written atomically to `path` when given (no half-written file)."""
     text = json.dumps(json_safe(data), allow_nan=False, indent=indent)
     if path is not None:
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        from mechscope.outputs import write_file
+
+        write_file(path, text)
     return text
 
 
@@ -100,7 +100,7 @@ class Result:
     def from_json(cls, text_or_path: str | Path):
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
-            text = Path(text).read_text()
+            text = Path(text).read_text(encoding="utf-8-sig")
         return cls.from_dict(json.loads(text))
 
     def _title(self) -> str:

@@ -56,7 +56,8 @@ def test_fetch_assembles_verifies_and_is_idempotent(fake_zoo):
     assert calls == {"download": 2, "convert": 1} and zoo.is_fetched("fake")
     zoo.fetch("fake")
     assert calls == {"download": 2, "convert": 1}  # a second fetch is a no-op
-    assert sorted(p.name for p in folder.iterdir()) == ["hf", "model.gguf"]  # no leftovers
+    # no leftovers: the lock file and the hash stamps stay, by design
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "hf", "model.gguf", "verified.json"]
 
 
 def test_partial_or_corrupt_files_are_fetched_again(fake_zoo):
@@ -81,7 +82,7 @@ def test_checksum_mismatch_keeps_nothing(fake_zoo, monkeypatch):
     monkeypatch.setitem(zoo.ZOO, "fake", zoo.ZooModel(**{**model.__dict__, "sha256": "0" * 64}))
     with pytest.raises(ModelLoadError, match="expected 0000"):
         zoo.fetch("fake")
-    assert list(zoo.model_dir("fake").iterdir()) == []
+    assert [p.name for p in zoo.model_dir("fake").iterdir()] == [".lock"]
     assert calls["convert"] == 0
 
 

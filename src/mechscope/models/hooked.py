@@ -29,6 +29,30 @@ Hooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
 NamesFilter = str | Iterable[str] | Callable[[str], bool] | None
 
 
+def check_fits_in_memory(shape: tuple[int, int], d_vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a CPU forward whose logits alone [batch, pos, d_vocab] exceed the memory available
+    now: the run would swap for minutes or be killed. (Accelerators raise their own clear OOM.)"""
+    if device.type != "cpu":
+        return
+    need = shape[0] * shape[1] * d_vocab * dtype.itemsize
+    have = _available_memory()
+    if have is not None and need > have:
+        raise InputError(f"{shape[0]} prompts of {shape[1]} tokens need {need / 2**30:.1f} GiB for the logits "
+                         f"alone, and {have / 2**30:.1f} GiB of memory is available; use fewer prompts at once")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class HookedModel:
     """A wrapped causal LM. `model(tokens)` returns logits [batch, pos, d_vocab].
 
@@ -78,13 +102,22 @@ class HookedModel:
     forward = __call__
 
     def _as_tokens(self, tokens) -> Tensor:
-        if isinstance(tokens, (str, list)) and (isinstance(tokens, str) or isinstance(tokens[0], str)):
+        if isinstance(tokens, (list, tuple)) and not tokens:
+            raise InputError("no prompts: give a string, a list of strings or token ids [batch, pos]")
+        if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and isinstance(tokens[0], str)):
             tokens = self.to_tokens(tokens)
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
         if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise InputError(f"tokens must be integer ids [batch, pos]; got {tuple(tokens.shape)} {tokens.dtype}")
+        if 0 in tokens.shape:
+            raise InputError(f"no tokens to run (shape {tuple(tokens.shape)}): an empty prompt, with a tokenizer "
+                             "that adds no BOS token, has nothing to predict from; give some text")
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise InputError(f"{tokens.shape[1]} tokens are more than {self.cfg.model_name}'s context of "
+                             f"{self.cfg.n_ctx} positions; shorten the prompts")
+        check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.adapter.W_U.dtype, self.device)
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)].unique()[:5].tolist()
             raise InputError(

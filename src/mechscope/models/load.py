@@ -35,22 +35,41 @@ def load_model(
     kwargs = {"dtype": _dtype(dtype)}
     if str(device) == "auto":
         kwargs["device_map"] = "auto"
+    else:
+        _check_device(device)
     name = spec = str(spec)
-    if spec in zoo.ZOO:  # a zoo alias is its cached directory (fetched if need be) or its hub id
-        spec = zoo.ZOO[spec].hub_id or str(zoo.fetch(spec, progress=progress, verify=False))
+    if spec in zoo.ZOO:  # a zoo alias is its cached directory (fetched and verified if need be) or its hub id
+        spec = zoo.ZOO[spec].hub_id or str(zoo.fetch(spec, progress=progress, verify="stamp"))
     with zoo.transformers_progress(progress):
-        hf, tokenizer = _load_spec(spec, kwargs)
+        hf, tokenizer = _load_spec(spec, kwargs, alias=name if name in zoo.ZOO else None)
     if str(device) != "auto":
         hf = hf.to(device)
     hf.config.name_or_path = name
     return HookedModel(hf, tokenizer)
 
 
-def _load_spec(spec: str, kwargs: dict):
+def _check_device(device: str | torch.device) -> None:
+    """A clear error for a device this machine lacks, before any weight is read."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"device {device!r} is not a device; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asks for CUDA, which this machine lacks (torch "
+                             f"{torch.__version__} sees no CUDA GPU); use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r}: MPS is not available here; use device='cpu'")
+
+
+def _load_spec(spec: str, kwargs: dict, alias: str | None = None):
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"no GGUF file at {path}")
+        _check_gguf(path)
         hf, tokenizer = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
         zoo.drop_gguf_quantizer(hf)
         return hf, tokenizer
@@ -58,7 +77,18 @@ def _load_spec(spec: str, kwargs: dict):
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model directory (it has no config.json)")
         return _load(str(path), {}, kwargs)
-    return _load_from_hub(spec, kwargs)
+    return _load_from_hub(spec, kwargs, alias)
+
+
+def _check_gguf(path: Path) -> None:
+    """A clear error for a file that is not a whole GGUF (truncated downloads are common)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)  # memory-maps the file and reads its header and tensor table only
+    except Exception as err:  # the reader raises ValueError, struct.error, ... on a bad file
+        raise ModelLoadError(f"{path} is not a readable GGUF file (truncated or corrupt? {err}); download it "
+                             "again") from None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -78,8 +108,9 @@ def _load(source: str, where: dict, kwargs: dict):
         if where.get("local_files_only"):
             raise
         hint = ""
-        if Path(source).is_dir() and "gguf_file" not in where:
-            hint = " If this is the zoo cache, `mechscope models fetch ALIAS --force` stores it again."
+        alias = zoo.alias_of(source)
+        if alias is not None:
+            hint = f" The zoo's copy is damaged: `mechscope models fetch {alias} --force` stores it again."
         raise ModelLoadError(f"cannot load a causal LM from {source}: {err}.{hint}") from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **where)
@@ -101,7 +132,7 @@ def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     return True, ""
 
 
-def _load_from_hub(hub_id: str, kwargs: dict):
+def _load_from_hub(hub_id: str, kwargs: dict, alias: str | None = None):
     try:  # a copy in the local Hugging Face cache needs no network
         return _load(hub_id, {"local_files_only": True}, kwargs)
     except Exception:  # not in the local cache (or not loadable from it): ask the hub
@@ -109,9 +140,11 @@ def _load_from_hub(hub_id: str, kwargs: dict):
     ok, why = hub_reachable()
     if not ok:
         offline = ", ".join(a for a, m in zoo.ZOO.items() if m.hub_id is None)
+        what = (f"the zoo alias {alias!r} is the hub model {hub_id!r}, which is not in the local Hugging Face "
+                "cache" if alias else f"{hub_id!r} is not a zoo alias, a local directory or a .gguf file, and "
+                "it is not in the local Hugging Face cache")
         raise ModelLoadError(
-            f"cannot load {hub_id!r}: it is not a zoo alias, a local directory or a .gguf file, it is "
-            f"not in the local Hugging Face cache, and the hub is unreachable ({why}). Models that "
+            f"cannot load {alias or hub_id!r}: {what}, and the hub is unreachable ({why}). Models that "
             f"work offline: {offline} (see `mechscope models list`)."
         )
     return _load(hub_id, {}, kwargs)

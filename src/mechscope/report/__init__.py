@@ -17,12 +17,21 @@ def render(data) -> str:
     """The HTML page for an IOI study dict, a Result, or a Result's dict."""
     if hasattr(data, "to_dict"):
         data = data.to_dict()
-    if "circuit" in data and "intermediate" in data:
-        subtitle = f"{data['n_prompts']} prompts, seed {data['seed']}, mechscope ioi"
-        return html.document(f"IOI circuit of {data['model']}", subtitle, ioi_views(data))
-    if "values" in data and "axes" in data:
-        return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
-                             result_views(data))
+    if not isinstance(data, dict):
+        raise InputError(f"a report needs a JSON object, not {type(data).__name__}: give an ioi.json or a result JSON")
+    try:
+        if "circuit" in data and "intermediate" in data:
+            subtitle = f"{data['n_prompts']} prompts, seed {data['seed']}, mechscope ioi"
+            return html.document(f"IOI circuit of {data['model']}", subtitle, ioi_views(data))
+        if "values" in data and "axes" in data:
+            return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
+                                 result_views(data))
+    except KeyError as err:
+        raise InputError(f"this JSON lacks the field {err}; give an ioi.json or a result JSON as mechscope "
+                         "wrote it") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as err:
+        raise InputError(f"this JSON has a malformed field ({type(err).__name__}: {err}); give an ioi.json or "
+                         "a result JSON as mechscope wrote it") from None
     raise InputError("this is neither an IOI study (ioi.json) nor a mechscope result JSON")
 
 
@@ -51,7 +60,9 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path} does not exist; give a result JSON or a directory written by `mechscope ioi`")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not text (it is not UTF-8); give a result JSON or an ioi.json") from None
     except json.JSONDecodeError as err:
         raise InputError(f"{path} is not JSON ({err.msg} at line {err.lineno})") from None
 

@@ -24,7 +24,8 @@ def document(title: str, subtitle: str, views: list[dict]) -> str:
     """The page for a list of views (see report.js for the kinds)."""
     here = files("mechscope.report")
     data = json.dumps(json_safe({"title": title, "views": views}), separators=(",", ":"), allow_nan=False)
-    data = data.replace("</", "<\\/")  # a string in the data must not close the script element
+    # No "<" at all in the script element: "</script>" would close it and "<!--" can hide its end.
+    data = data.replace("<", "\\u003c")
     return PAGE.format(title=html.escape(title), subtitle=html.escape(subtitle), data=data,
                        css=(here / "report.css").read_text(), js=(here / "report.js").read_text())
 
@@ -36,7 +37,7 @@ def iframe(page: str, height: int = 700) -> str:
 
 
 def write(page: str, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    """Write the page atomically (never over a non-regular file); its folder must exist."""
+    from mechscope.outputs import write_file
+
+    return write_file(path, page)

@@ -77,8 +77,12 @@ class Settings:
     def __post_init__(self):
         if self.receiver_positions not in ("paper", "all"):
             raise InputError(f"receiver_positions is 'paper' or 'all', not {self.receiver_positions!r}")
+        if self.n < 1:
+            raise InputError(f"n (the number of IOI prompts) must be at least 1, not {self.n}")
         if not 1 <= self.n_path <= self.n:
             raise InputError(f"n_path must be between 1 and n ({self.n}); got {self.n_path}")
+        if not 0 <= self.threshold <= 1:  # also refuses NaN: tau = threshold * F(M) must be a real cut
+            raise InputError(f"threshold is a fraction of F(M) between 0 and 1, e.g. 0.01; got {self.threshold}")
 
 
 def is_gpt2_small(model: HookedModel) -> bool:
@@ -166,7 +170,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         if not receivers or max(l for l, _ in receivers) == 0:
             return []
         at = _at(where, path_positions)
-        log(f"path patching into the {receiver_input} of {', '.join(head_name(r) for r in receivers)}")
+        log(f"path patching into the {receiver_input} of {', '.join(_receiver_name(model, r, receiver_input) for r in receivers)}")
         result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
                                  progress=progress), key)
         found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
@@ -319,6 +323,16 @@ def _receiver(model: HookedModel, head: Head, receiver_input: str) -> Head:
     if receiver_input == "q":
         return head
     return head[0], head[1] // (model.cfg.n_heads // model.cfg.n_kv_heads)
+
+
+def _receiver_name(model: HookedModel, head: Head, receiver_input: str) -> str:
+    """A receiver as the log shows it: a query head "L.H", or a key/value head with the query heads
+    that read it ("kv L.K (L.H L.H ...)")."""
+    if receiver_input == "q":
+        return head_name(head)
+    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    reads = " ".join(head_name((head[0], head[1] * group + i)) for i in range(group))
+    return f"kv head {head[0]}.{head[1]} (read by {reads})"
 
 
 def _at(where: str, positions: dict[str, torch.Tensor] | None):

@@ -42,6 +42,12 @@ def tokenize_pairs(
     return model.to_tokens(list(clean)), model.to_tokens(list(corrupt)), model.last_positions(list(clean))
 
 
+def check_direction(direction: str) -> None:
+    if direction not in ("denoise", "noise"):
+        raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), "
+                         f"not {direction!r}")
+
+
 @dataclass(frozen=True)
 class ContrastiveBatch:
     """Clean/corrupt token pairs and, per prompt, the answer, the wrong answer and the read position.
@@ -63,12 +69,8 @@ class ContrastiveBatch:
     def source_and_target(self, direction: str) -> tuple[Tensor, Tensor]:
         """(the run patched from, the run patched into): denoising patches clean into corrupt,
         noising corrupt into clean."""
-        if direction == "denoise":
-            return self.clean, self.corrupt
-        if direction == "noise":
-            return self.corrupt, self.clean
-        raise InputError(f"direction must be 'denoise' (clean into corrupt) or 'noise' (corrupt into clean), "
-                         f"not {direction!r}")
+        check_direction(direction)
+        return (self.clean, self.corrupt) if direction == "denoise" else (self.corrupt, self.clean)
 
     @property
     def equal_lengths(self) -> bool:
@@ -98,12 +100,18 @@ class ContrastiveBatch:
             except InputError as err:
                 raise InputError(f"{where[i] if where else f'pair {i}'}: the {what} {err}") from None
 
+        answer_ids = [single(a, i, "answer") for i, a in enumerate(answers)]
+        wrong_ids = [single(w, i, "wrong answer") for i, w in enumerate(wrongs)]
+        for i, (a, w) in enumerate(zip(answer_ids, wrong_ids)):
+            if a == w:  # the logit difference would be 0 everywhere, and every normalized effect 0 / 0
+                raise InputError(f"{where[i] if where else f'pair {i}'}: the answer {answers[i]!r} and the wrong "
+                                 f"answer {wrongs[i]!r} are the same token; give two different answers")
         device = clean_tokens.device
         return cls(
             clean=clean_tokens,
             corrupt=corrupt_tokens,
-            answer=torch.tensor([single(a, i, "answer") for i, a in enumerate(answers)], device=device),
-            wrong=torch.tensor([single(w, i, "wrong answer") for i, w in enumerate(wrongs)], device=device),
+            answer=torch.tensor(answer_ids, device=device),
+            wrong=torch.tensor(wrong_ids, device=device),
             read_pos=read_pos,
             clean_prompts=tuple(clean),
             corrupt_prompts=tuple(corrupt),
@@ -115,10 +123,18 @@ class ContrastiveBatch:
         """From dicts with keys clean, corrupt, answer, wrong (and optionally template: the group)."""
         records = list(records)
         for i, r in enumerate(records):
+            at = where[i] if where else f"record {i}"
+            if not isinstance(r, dict):
+                raise InputError(f'{at}: expected an object {{"clean", "corrupt", "answer", "wrong"}}, '
+                                 f"not {type(r).__name__} {json.dumps(r)[:40]}")
             missing = {"clean", "corrupt", "answer", "wrong"} - set(r)
             if missing:
-                raise InputError(f"{where[i] if where else f'record {i}'}: missing {', '.join(sorted(missing))}; "
+                raise InputError(f"{at}: missing {', '.join(sorted(missing))}; "
                                  'each needs {"clean", "corrupt", "answer", "wrong"}')
+            for key in ("clean", "corrupt", "answer", "wrong"):
+                if not isinstance(r[key], str) or not r[key]:
+                    got = "an empty string" if r[key] == "" else f"{type(r[key]).__name__} {json.dumps(r[key])[:40]}"
+                    raise InputError(f'{at}: "{key}" must be a non-empty string, not {got}')
         groups = [r["template"] for r in records] if all("template" in r for r in records) else None
         return cls.from_pairs(model, *([r[k] for r in records] for k in ("clean", "corrupt", "answer", "wrong")),
                               where=where, groups=groups)
@@ -128,7 +144,13 @@ class ContrastiveBatch:
         """One JSON object per line: {"clean": str, "corrupt": str, "answer": str, "wrong": str}."""
         path = Path(path)
         records, where = [], []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # UTF-8 whatever the locale; a byte-order mark is fine
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path} is not UTF-8 text (byte {err.start}); save the prompts as UTF-8 JSONL") from None
+        except OSError as err:
+            raise InputError(f"cannot read {path}: {err.strerror}") from None
+        for n, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
