@@ -17,6 +17,34 @@ from transformers import (
 
 from mechscope import HookedModel
 
+# Every test runs with PyTorch's deterministic kernels: a result that changes from run to run on one
+# machine is a bug, never rounding to tolerate.
+torch.use_deterministic_algorithms(True)
+
+# Tiny random models run in float64, where an exact claim can be tested exactly: rounding differences
+# between two ways of computing one number are about 1e-15 there, so 1e-10 tolerates every CPU's
+# kernels and still catches any real error. (Transformers computes RMSNorm and eager softmax in float32
+# even for a float64 model; both ways of computing see the same float64 inputs, so that rounding is
+# the same in both and cancels.)
+EXACT = dict(atol=1e-10, rtol=0)
+# Except where Hugging Face itself rounds to float32 inside a float64 model: RMSNorm (Llama, Qwen2,
+# Gemma) normalizes in float32, and eager attention (on while `hook_pattern` is hooked) takes its
+# softmax in float32. Two computations that are equal in exact arithmetic but cross such a step
+# differently (a linear fold of the norm, eager against SDPA) differ by float32 rounding of values of
+# order 1, about 1e-7: the tolerance is float32's.
+HF_FLOAT32 = dict(atol=1e-6, rtol=1e-6)
+
+
+def exact_for(model, *, eager: bool = False) -> dict:
+    """EXACT, or HF_FLOAT32 where the comparison crosses one of Hugging Face's float32 steps."""
+    return HF_FLOAT32 if eager or model.adapter.norm_kind != "layernorm" else EXACT
+
+
+def approx_for(model, *, eager: bool = False) -> dict:
+    """`exact_for` as pytest.approx's keywords."""
+    tol = exact_for(model, eager=eager)
+    return dict(abs=tol["atol"], rel=tol["rtol"])
+
 VOCAB = 300  # 256 bytes + specials, and some ids no text maps to
 
 
@@ -60,7 +88,7 @@ def ioi_model(name: str, seed: int = 0, layers: int | None = None) -> HookedMode
     if layers is not None:
         config.num_hidden_layers = layers
     torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_config(config).eval()
+    hf = AutoModelForCausalLM.from_config(config).eval().double()
     return HookedModel(hf, tokenizer)
 
 
@@ -87,15 +115,16 @@ def _configs() -> dict:
 FAMILIES = list(_configs())
 
 
-def tiny_hf(name: str, seed: int = 0):
-    """A random model of one family. Every parameter is perturbed, so norms are not identities and
-    biases are not zero: nothing in a test holds only because a weight is trivial."""
+def tiny_hf(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A random model of one family, in float64 unless asked (see EXACT). Every parameter is
+    perturbed, so norms are not identities and biases are not zero: nothing in a test holds only
+    because a weight is trivial."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_configs()[name])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    return model.eval()
+    return model.eval().to(dtype)
 
 
 def tiny_model(name: str, seed: int = 0) -> HookedModel:
@@ -146,3 +175,50 @@ def gemma3():
     import mechscope
 
     return mechscope.load_model("gemma3-270m")
+
+
+@pytest.fixture
+def make_read_only():
+    """`make_read_only(folder)`: a folder no one can write into, root included (root ignores file
+    modes, so as root it becomes a read-only bind mount; skipped where mounting is not allowed)."""
+    import os
+    import subprocess
+
+    mounted, chmodded = [], []
+
+    def apply(folder):
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+            chmodded.append(folder)
+            return
+        for cmd in (["mount", "--bind", str(folder), str(folder)], ["mount", "-o", "remount,bind,ro", str(folder)]):
+            if subprocess.run(cmd, capture_output=True).returncode != 0:
+                if cmd[1] != "--bind":
+                    subprocess.run(["umount", str(folder)], capture_output=True)
+                pytest.skip("as root, a read-only folder needs a bind mount, which this machine refuses")
+        mounted.append(folder)
+
+    yield apply
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+    for folder in chmodded:
+        folder.chmod(0o755)
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` (hidden ones too) with its bytes, to assert a command changed nothing."""
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() and not p.is_symlink() else p.lstat().st_mode)
+            for p in sorted(Path(folder).rglob("*"))}
+
+
+def assert_relatively_close(actual, expected, rel: float, why: str) -> None:
+    """max |actual - expected| <= rel * max |expected|: for float32 on a real model, where rounding
+    grows with the size of what is compared and differs between CPUs' kernels, so a fixed atol is
+    either too loose for small tensors or fails on large ones. `why` says where the rel comes from."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= rel * scale, (f"max error {error:.3g} is more than {rel:g} x max |expected| {scale:.3g} "
+                                  f"({why})")

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechscope.metrics import widen
 from mechscope.models.adapters.base import norm_weight
 from mechscope.models.sites import unknown_name_error
 
@@ -145,7 +146,7 @@ class ActivationCache:
         if a.norm_kind == "layernorm":
             x = x - x.mean(-1, keepdim=True)
         scale = self["ln_final.hook_scale"]  # [batch, pos, 1]
-        out = x.float() / scale * norm_weight(a.norm_kind, norm).float()
+        out = widen(x) / scale * widen(norm_weight(a.norm_kind, norm))  # a linear fold: as wide as the model
         return out.to(residual_stack.dtype)
 
     def _finish(self, stack: Tensor, labels: list[str], return_labels: bool, apply_ln: bool):

@@ -7,6 +7,7 @@ such as patched variants, are allowed) and a ContrastiveBatch, and returns one v
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
@@ -20,6 +21,11 @@ if TYPE_CHECKING:
     from mechscope.tasks.batch import ContrastiveBatch
 
 Metric = Callable[[Float[Tensor, "... batch d_vocab"], "ContrastiveBatch"], Float[Tensor, "... batch"]]
+
+
+def widen(x: Tensor) -> Tensor:
+    """`x` in at least float32 (half precision is widened; float64 stays float64), for averages."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _pick(logits: Tensor, ids: Tensor) -> Tensor:
@@ -46,13 +52,13 @@ def logit_diff(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
 
 def answer_prob(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
     """Probability of the answer."""
-    return _pick(logits.float().softmax(-1), batch.answer)
+    return _pick(widen(logits).softmax(-1), batch.answer)
 
 
 def kl_div(logits: Tensor, batch: "ContrastiveBatch", *, reference: Tensor) -> Tensor:
     """KL(reference || logits) of the next-token distributions; the reference is the clean run's."""
-    log_p = reference.float().log_softmax(-1)  # [batch, d_vocab]
-    log_q = logits.float().log_softmax(-1)  # [..., batch, d_vocab]
+    log_p = widen(reference).log_softmax(-1)  # [batch, d_vocab]
+    log_q = widen(logits).log_softmax(-1)  # [..., batch, d_vocab]
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -64,6 +70,15 @@ def check_metric_name(metric: str | Metric) -> None:
     if not callable(metric) and metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or a function "
                          "(logits [..., batch, d_vocab], batch) -> [..., batch]")
+
+
+def check_baselines(name: str, clean: float, corrupt: float) -> None:
+    """An InputError when the metric is not a finite number on the clean or the corrupt run: every
+    effect, measured against them, would be NaN or infinite."""
+    for run, value in (("clean", clean), ("corrupt", corrupt)):
+        if not math.isfinite(value):
+            raise InputError(f"the metric {name} is {value} on the {run} run, so every effect would be too; "
+                             "a custom metric must return finite numbers (check it for 0 / 0 or log(0))")
 
 
 def resolve_metric(metric: str | Metric, clean_read_logits: Tensor) -> tuple[str, Metric]:

@@ -67,8 +67,13 @@ def check_folder(folder: Path, flag: str = "--out") -> None:
         raise OutputError(f"{flag}: the folder {folder} does not exist; create it first or choose another path")
     if not folder.is_dir():
         raise OutputError(f"{flag}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag}: the folder {folder} is not writable; choose another path")
+    try:  # a real try, not os.access: root passes every permission check yet not a read-only mount
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".mechscope-probe-")
+    except OSError as err:
+        raise OutputError(f"{flag}: the folder {folder} is not writable ({err.strerror}); choose another "
+                          "path") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_files(files: Mapping[str | os.PathLike, str | bytes]) -> list[Path]:

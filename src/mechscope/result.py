@@ -84,6 +84,7 @@ class Result:
         d = asdict(self)
         d["values"] = self.values.tolist()
         d["axes"] = list(self.axes)
+        d["dtype"] = str(self.values.dtype).removeprefix("torch.")  # JSON numbers hold float64 exactly
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -92,7 +93,10 @@ class Result:
     @classmethod
     def from_dict(cls, d: dict):
         d = dict(d)
-        d["values"] = torch.tensor(_nan_for_none(d["values"]), dtype=torch.float32)
+        dtype = getattr(torch, d.get("dtype", "float32"), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype {d['dtype']!r} is not a floating-point dtype")
+        d["values"] = torch.tensor(_nan_for_none(d["values"]), dtype=dtype)
         d["axes"] = tuple(d["axes"])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 

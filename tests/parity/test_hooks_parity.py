@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_hf, tiny_model
+from conftest import EXACT, exact_for, tiny_hf, tiny_model
 from mechscope import HookedModel
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -42,7 +42,7 @@ def test_writing_back_cached_activations_changes_nothing(model, tokens, pattern)
     for name in names:
         back = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook: cache[hook.name].clone())])
         if name.endswith(RECOMPUTED):
-            torch.testing.assert_close(back, logits, atol=1e-5, rtol=0, msg=name)
+            torch.testing.assert_close(back, logits, **exact_for(model, eager=pattern), msg=name)
         else:
             assert torch.equal(back, logits), name
 
@@ -63,9 +63,9 @@ def test_equivalent_writes_agree(model, tokens):
     """Adding the same vector at sites that feed the same sum gives the same logits."""
     torch.manual_seed(0)
     d = model.cfg.d_model
-    delta = torch.randn(d)
+    delta = torch.randn(d, dtype=torch.float64)
     run = lambda *hooks: model.run_with_hooks(tokens, fwd_hooks=list(hooks))  # noqa: E731
-    close = lambda a, b: torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)  # noqa: E731
+    close = lambda a, b: torch.testing.assert_close(a, b, **exact_for(model))  # noqa: E731
 
     base = run()
     via_attn = run(("blocks.1.hook_attn_out", _add(delta)))
@@ -86,11 +86,11 @@ def test_z_write_equals_result_write(model, tokens):
     if model.adapter.attn_post_norm is not None:
         pytest.skip("Gemma's post-attention norm makes attention output nonlinear in z")
     torch.manual_seed(0)
-    dz = torch.randn(model.cfg.d_head)
+    dz = torch.randn(model.cfg.d_head, dtype=torch.float64)
     dres = dz @ model.adapter.W_O(1)[3]
     a = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", _add(dz, head=3))])
     b = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_result", _add(dres, head=3))])
-    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, **EXACT)
 
 
 def test_pattern_write_equals_z_write(model, tokens):
@@ -98,12 +98,12 @@ def test_pattern_write_equals_z_write(model, tokens):
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.1.attn"))
     v = cache["blocks.1.attn.hook_v"]  # [batch, pos, kv_head, d_head]
     v = v.repeat_interleave(model.cfg.n_heads // v.shape[2], dim=2)
-    pattern = torch.tril(torch.ones(tokens.shape[1], tokens.shape[1]))
+    pattern = torch.tril(torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.float64))
     pattern = (pattern / pattern.sum(-1, keepdim=True)).expand_as(cache["blocks.1.attn.hook_pattern"])
     z = torch.einsum("bhqk,bkhd->bqhd", pattern, v)
     a = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_pattern", lambda act, h: pattern.clone())])
     b = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", lambda act, h: z)])
-    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(a, b, **exact_for(model, eager=True))  # a: eager attention, b: SDPA
 
 
 def test_qkv_writes_determine_z(model, tokens):
@@ -115,7 +115,7 @@ def test_qkv_writes_determine_z(model, tokens):
     hooks = [(n, lambda act, hook: theirs[hook.name].clone()) for n in names[:3]]
     hooks.append((names[3], lambda act, hook: got.setdefault("z", act)))
     model.run_with_hooks(tokens, fwd_hooks=hooks)
-    torch.testing.assert_close(got["z"], theirs[names[3]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got["z"], theirs[names[3]], **EXACT)
 
 
 def test_scale_write(model, tokens):
@@ -127,7 +127,7 @@ def test_scale_write(model, tokens):
     normed = cache.apply_ln_to_stack(cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"])
     half = normed / 2 + (bias if bias is not None else 0)
     expected = model.adapter.unembed(half)
-    torch.testing.assert_close(doubled, expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(doubled, expected, **exact_for(model, eager=True))  # the cache ran eager
 
 
 def test_mlp_post_write(model, tokens):
@@ -155,8 +155,8 @@ def test_padding_leaves_real_positions_unchanged(model):
     for i, prompt in enumerate(prompts):
         alone, alone_cache = model.run_with_cache(model.to_tokens(prompt), names_filter=lambda n: n.endswith("hook_z"))
         n = last[i] + 1
-        torch.testing.assert_close(batched[i, :n], alone[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cache["z", 2][i, :n], alone_cache["z", 2][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[i, :n], alone[0], **EXACT)
+        torch.testing.assert_close(cache["z", 2][i, :n], alone_cache["z", 2][0], **EXACT)
 
 
 def test_grouped_query_shapes():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, tiny_batch, tiny_model
+from conftest import EXACT, FAMILIES, tiny_batch, tiny_model
 from mechscope import InputError
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.patching.path import path_patch
@@ -22,7 +22,7 @@ def literal_path_patch(model, batch, receivers, receiver_input, at, direction):
     metric = lambda logits: logit_diff(read_logits(logits, batch), batch).mean()  # noqa: E731
     base = metric(model(target))
     last = n_layers if receivers == "logits" else max(l for l, _ in receivers)
-    out = torch.zeros(last, n_heads)
+    out = torch.zeros(last, n_heads, dtype=torch.float64)
     for layer in range(last):
         for head in range(n_heads):
             def freeze(act, hook):  # every head keeps its target value, but the sender
@@ -67,7 +67,7 @@ def test_fast_path_patching_equals_the_literal_method(family, receivers, receive
     batch = tiny_batch(model)
     fast = path_patch(model, batch, receivers=receivers, receiver_input=receiver_input, at=at, direction=direction)
     slow = literal_path_patch(model, batch, receivers, receiver_input, at, direction)
-    torch.testing.assert_close(fast.values, slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.values, slow, **EXACT)
     assert fast.values.abs().max() > 1e-4 and fast.technique == "path"
 
 

@@ -33,7 +33,10 @@ def test_fast_equals_naive_on_ioi(smollm2, site, per_position):
 
             logits = model.run_with_hooks(batch.corrupt, fwd_hooks=[(name, patch)])
             naive = logit_diff(read_logits(logits, batch), batch).mean() - base
-            assert abs(fast.values[li, j].item() - naive.item()) < 1e-4, (layer, j)
+            # Two float32 forwards with other batch shapes: rounding of about 1e-7 per logit, through
+            # ~30 layers, scaled by the size of the logits (20 to 30 here).
+            scale = read_logits(logits, batch).abs().max().item()
+            assert abs(fast.values[li, j].item() - naive.item()) <= 5e-6 * scale, (layer, j, scale)
     assert fast.clean_metric > 1.0  # the model solves these prompts
 
 

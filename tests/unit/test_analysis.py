@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_batch
+from conftest import approx_for, tiny_batch
 
 from mechscope.analysis import direct_logit_attribution, head_scores, logit_lens
 from mechscope.metrics import logit_diff, read_logits
@@ -26,7 +26,7 @@ def test_component_dla_adds_up_to_the_logit_difference(model):
     dla = direct_logit_attribution(model, batch, by="component")
     actual = logit_diff(read_logits(model(batch.clean), batch), batch).mean().item()
     assert dla.labels["component"][0] == "embed" and dla.values.shape == (len(dla.labels["component"]),)
-    assert dla.values.sum().item() + _norm_bias_term(model, batch) == pytest.approx(actual, abs=1e-4)
+    assert dla.values.sum().item() + _norm_bias_term(model, batch) == pytest.approx(actual, **approx_for(model))
 
 
 def test_head_dla_adds_up_to_each_layers_attention(model):
@@ -43,7 +43,7 @@ def test_head_dla_adds_up_to_each_layers_attention(model):
             biased = cache.apply_ln_to_stack(bias.expand(*batch.clean.shape, -1)[None])[0]
             bias_part = (biased[torch.arange(2), batch.read_pos] * direction).sum(-1).mean().item()
         attn = comps.values[comps.labels["component"].index(f"{layer}_attn_out")].item()
-        assert heads.values[layer].sum().item() + bias_part == pytest.approx(attn, abs=1e-4)
+        assert heads.values[layer].sum().item() + bias_part == pytest.approx(attn, **approx_for(model))
 
 
 def test_logit_lens(model):
@@ -51,11 +51,11 @@ def test_logit_lens(model):
     lens = logit_lens(model, batch)
     actual = logit_diff(read_logits(model(batch.clean), batch), batch).mean().item()
     assert lens.values.shape == (model.cfg.n_layers + 1,) and lens.labels["layer"][-1] == "final_post"
-    assert lens.values[-1].item() == pytest.approx(actual, abs=1e-4)
+    assert lens.values[-1].item() == pytest.approx(actual, abs=1e-10)
     _, cache = model.run_with_cache(batch.clean, names_filter=["blocks.1.hook_resid_pre"])
     resid = cache["resid_pre", 1][torch.arange(2), batch.read_pos]  # [batch, d_model]
     by_hand = logit_diff(model.logits_from_resid(resid), batch).mean().item()
-    assert lens.values[1].item() == pytest.approx(by_hand, abs=1e-5)
+    assert lens.values[1].item() == pytest.approx(by_hand, abs=1e-10)
 
 
 def test_detectors_find_planted_heads(model):
@@ -63,7 +63,7 @@ def test_detectors_find_planted_heads(model):
     length, prefix = 6, 0
     n_pos = prefix + 2 * length
     q = torch.arange(n_pos)
-    plant = torch.zeros(3, n_pos, n_pos)
+    plant = torch.zeros(3, n_pos, n_pos, dtype=torch.float64)
     plant[0, q, (q - 1).clamp(min=0)] = 1  # previous token
     plant[1, q, torch.where(q >= length, q - length, q)] = 1  # duplicate token
     plant[2, q, torch.where(q >= length, q - length + 1, q)] = 1  # induction

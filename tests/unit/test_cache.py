@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import EXACT, exact_for
+
 pytestmark = pytest.mark.usefixtures("no_grad")
 
 
@@ -33,8 +35,8 @@ def test_decompose_resid_sums_to_the_residual_stream(model, tokens):
     n = model.cfg.n_layers
     parts, labels = cache.decompose_resid(return_labels=True)
     assert parts.shape[0] == len(labels) == 1 + ("hook_pos_embed" in model.hook_names) + 2 * n
-    torch.testing.assert_close(parts.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.decompose_resid(layer=2).sum(0), cache["resid_pre", 2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(parts.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"], **EXACT)
+    torch.testing.assert_close(cache.decompose_resid(layer=2).sum(0), cache["resid_pre", 2], **EXACT)
 
 
 def test_accumulated_resid(model, tokens):
@@ -51,7 +53,7 @@ def test_stack_head_results_matches_hooked_results(model, tokens):
     from_z = z_only.stack_head_results()
     assert from_hook.shape == (model.cfg.n_layers * model.cfg.n_heads, *tokens.shape, model.cfg.d_model)
     assert labels[:2] == ["L0H0", "L0H1"]
-    torch.testing.assert_close(from_hook, from_z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(from_hook, from_z, **exact_for(model, eager=True))  # patterns cached: eager
 
 
 def test_result_sums_to_attn_out(model, tokens):
@@ -62,7 +64,7 @@ def test_result_sums_to_attn_out(model, tokens):
         result = cache["result", layer]
         bias = model.adapter.b_O(layer) if model.adapter.attn_post_norm is None else None
         total = result.sum(2) + (bias if bias is not None else 0)
-        torch.testing.assert_close(total, cache["attn_out", layer], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(total, cache["attn_out", layer], **exact_for(model))  # Gemma: its norm
 
 
 def test_direct_logit_attribution_sums_to_logits(model, tokens):
@@ -76,4 +78,4 @@ def test_direct_logit_attribution_sums_to_logits(model, tokens):
         constant = norm.bias @ model.W_U
     if model.b_U is not None:
         constant = constant + model.b_U
-    torch.testing.assert_close(direct.sum(0) + constant, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(direct.sum(0) + constant, logits, **exact_for(model))  # the norm, folded

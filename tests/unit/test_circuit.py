@@ -49,10 +49,10 @@ def test_faithfulness_against_a_literal_knockout(model):
 
     logits = model.run_with_hooks(batch.clean, fwd_hooks=[(lambda n: n.endswith("hook_z"), knock)])
     expected = logit_diff(read_logits(logits, batch), batch).mean().item()
-    assert result.circuit_logit_diff == pytest.approx(expected, abs=1e-5)
+    assert result.circuit_logit_diff == pytest.approx(expected, abs=1e-10)
     assert result.n_heads == 2 and result.ratio == pytest.approx(expected / result.model_logit_diff)
     whole = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    assert faithfulness(model, batch, whole).ratio == pytest.approx(1.0, abs=1e-6)
+    assert faithfulness(model, batch, whole).ratio == pytest.approx(1.0, abs=1e-10)
 
 
 def test_bad_heads():

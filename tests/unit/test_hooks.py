@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, OPTConfig
 
-from conftest import VOCAB, tiny_model
+from conftest import EXACT, VOCAB, tiny_model
 from mechscope import HookedModel, HookNameError, InputError, UnsupportedModelError
 
 
@@ -71,7 +71,7 @@ def test_backward_hook_gets_the_gradient(family, tokens, site):
     got = {}
     logits = model.run_with_hooks(tokens, bwd_hooks=[(site, lambda g, hook: got.setdefault("g", g.clone()))])
     logits[:, -1, :5].sum().backward()
-    torch.testing.assert_close(got["g"], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["g"], expected, **EXACT)
     assert _no_hooks_left(model)
 
 

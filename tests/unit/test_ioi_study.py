@@ -51,7 +51,7 @@ def test_attention_from_end_against_the_cache(gqa, batch):
     _, cache = gqa.run_with_cache(batch.clean)
     for layer, head in [(0, 1), (2, 3)]:
         literal = sum(cache["pattern", layer][i, head, batch.read_pos[i], pos["IO"][i]] for i in range(len(batch)))
-        assert att.values[layer, head].item() == pytest.approx(literal.item() / len(batch), abs=1e-6)
+        assert att.values[layer, head].item() == pytest.approx(literal.item() / len(batch), abs=1e-10)
 
 
 def test_copy_scores_against_the_hf_modules():
@@ -81,8 +81,8 @@ def test_knockouts_batch_many_sets_like_one_at_a_time(gqa, batch):
     sets = [set(), {(0, 1)}, {(1, 0), (2, 3)}, set(ko.heads)]
     together = ko.logit_diffs(sets)
     for keep, value in zip(sets, together):
-        assert faithfulness(gqa, batch, keep).circuit_logit_diff == pytest.approx(value, abs=1e-5)
-    assert together[-1] == pytest.approx(ko.model_logit_diff, abs=1e-5)
+        assert faithfulness(gqa, batch, keep).circuit_logit_diff == pytest.approx(value, abs=1e-10)
+    assert together[-1] == pytest.approx(ko.model_logit_diff, abs=1e-10)
 
 
 def test_reference_means_come_from_the_reference_prompts(gqa, batch):
@@ -110,7 +110,7 @@ def test_minimality_against_literal_knockouts(gqa, batch):
         for v in heads:
             rest = set(heads) - {v}
             expected = max(abs(f(circuit) - f(circuit - {v})), abs(f(circuit - rest - {v}) - f(circuit - rest)))
-            assert result[v]["score"] == pytest.approx(expected, abs=1e-5) and result[v]["class"] == cls
+            assert result[v]["score"] == pytest.approx(expected, abs=1e-10) and result[v]["class"] == cls
 
 
 def test_completeness_greedy_search_against_literal_knockouts(gqa, batch):
@@ -119,7 +119,7 @@ def test_completeness_greedy_search_against_literal_knockouts(gqa, batch):
     circuit = {h for hs in CLASSES_TINY.values() for h in hs}
     result = completeness(gqa, batch, CLASSES_TINY)
     gone = {h for c in result.removed for h in CLASSES_TINY[c]}
-    assert result.circuit_logit_diff == pytest.approx(f(circuit - gone), abs=1e-5)
+    assert result.circuit_logit_diff == pytest.approx(f(circuit - gone), abs=1e-10)
     assert result.model_logit_diff == pytest.approx(f(set(everyone) - gone), abs=1e-5)
     assert result.gap == max(t["gap"] for t in result.tried)  # greedy kept the widest gap it saw
     assert result.tried[0]["removed"] == [] and len(result.tried) >= 1 + len(CLASSES_TINY)
@@ -128,8 +128,8 @@ def test_completeness_greedy_search_against_literal_knockouts(gqa, batch):
 def test_path_patching_from_chosen_senders(gqa, batch):
     full = path_patch(gqa, batch, receivers=[(2, 1)], receiver_input="q", at="read")
     some = path_patch(gqa, batch, receivers=[(2, 1)], receiver_input="q", at="read", senders=[(0, 2), (1, 3)])
-    assert some.values[0, 2] == pytest.approx(full.values[0, 2].item(), abs=1e-6)
-    assert some.values[1, 3] == pytest.approx(full.values[1, 3].item(), abs=1e-6)
+    assert some.values[0, 2] == pytest.approx(full.values[0, 2].item(), abs=1e-10)
+    assert some.values[1, 3] == pytest.approx(full.values[1, 3].item(), abs=1e-10)
     assert some.values.isnan().sum() == some.values.numel() - 2
     assert some.top(1)[0][0] in ({"layer": "0", "head": "2"}, {"layer": "1", "head": "3"})  # NaN is never on top
     with pytest.raises(Exception, match="senders"):

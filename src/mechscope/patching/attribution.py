@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import Metric, read_logits, resolve_metric
+from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric, widen
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.exact import masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
@@ -83,6 +83,7 @@ def attribution_patch(
     clean_metric, corrupt_metric = (
         (source_metric, run["metric"]) if direction == "denoise" else (run["metric"], source_metric)
     )
+    check_baselines(run["name"], clean_metric, corrupt_metric)
 
     results = {}
     for spec in specs:
@@ -104,7 +105,7 @@ def attribution_patch(
             extra["graddrop"] = (torch.stack([c.abs() for c in per_drop[1:]]).sum(0) / (n_layers - 1)).tolist()
         axes, labels = spec.axes(model, batch, layers, heads, per_position)
         results[spec.name] = PatchResult(
-            values=per_drop[0].reshape([len(labels[a]) for a in axes]).float(), axes=axes, labels=labels,
+            values=widen(per_drop[0].reshape([len(labels[a]) for a in axes])), axes=axes, labels=labels,
             site=spec.name, technique=method, metric=run["name"], direction=direction,
             clean_metric=clean_metric, corrupt_metric=corrupt_metric, model=model.cfg.model_name,
             n_prompts=len(batch), seconds=time.perf_counter() - start, extra=extra,
@@ -113,7 +114,7 @@ def attribution_patch(
 
 
 def _metric(fn: Metric, logits: Tensor, batch: ContrastiveBatch) -> float:
-    return fn(logits, batch).float().mean().item()
+    return widen(fn(logits, batch)).mean().item()
 
 
 def _target_pass(model, batch, target, names, metric, direction, source_logits, drops, inputs) -> dict:
@@ -146,7 +147,7 @@ def _target_pass(model, batch, target, names, metric, direction, source_logits, 
         read = read_logits(logits, batch)  # [batch, d_vocab]
         clean_read = read_logits(source_logits, batch) if direction == "denoise" else read.detach()
         name, fn = resolve_metric(metric, clean_read)
-        value = fn(read, batch).float().mean()
+        value = widen(fn(read, batch)).mean()
         for i, d in enumerate(drops):
             state["drop"] = d
             torch.autograd.grad(value, [leaf["x"]], retain_graph=i < len(drops) - 1)
@@ -155,7 +156,7 @@ def _target_pass(model, batch, target, names, metric, direction, source_logits, 
 
 def _linear_effect(spec: PatchSite, delta: Tensor, grad: Tensor, per_position: bool) -> Tensor:
     """sum over batch and each component's elements of delta * grad: [head, pos], [head], [pos] or []."""
-    prod = (delta.float() * grad.float()).sum(0)  # [*site shape]
+    prod = (widen(delta) * widen(grad)).sum(0)  # [*site shape]
     keep = [d for d in (spec.head_dim, spec.pos_dim) if d is not None]
     prod = prod.sum([d for d in range(prod.ndim) if d not in keep])  # [head, pos] in site order
     if spec.per_head and spec.head_dim > spec.pos_dim:

@@ -12,12 +12,13 @@ measures the metric. Three things make it fast without changing a number:
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from mechscope.metrics import Metric, read_logits, resolve_metric
+from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric, widen
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.result import PatchResult
 from mechscope.progress import progress_bar
@@ -64,9 +65,11 @@ def activation_patch(
     name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
     clean_metric = _mean_metric(fn, read_logits(clean_logits, batch)[None], batch).item()
     corrupt_metric = _mean_metric(fn, read_logits(corrupt_logits, batch)[None], batch).item()
+    check_baselines(name, clean_metric, corrupt_metric)
     baseline = corrupt_metric if direction == "denoise" else clean_metric
 
-    values = torch.zeros(len(layers), len(heads), len(positions))  # squeezed to the result's axes below
+    wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
+    values = torch.zeros(len(layers), len(heads), len(positions), dtype=wide)  # squeezed to the result's axes below
     components = [(hi, h, pi, p) for hi, h in enumerate(heads) for pi, p in enumerate(positions)]
     per_chunk = _variants_per_chunk(model, batch, memory_mb)
     with torch.no_grad(), progress_bar(progress, len(layers) * len(components), f"patching {site}") as bar:
@@ -80,6 +83,9 @@ def activation_patch(
                     values[li, hi, pi] = value - baseline
                 bar.advance(len(chunk))
 
+    if not values.isfinite().all():
+        warnings.warn(f"the metric {name} was not finite for {int((~values.isfinite()).sum())} of {values.numel()} "
+                      "patched components; those effects are NaN (shown as empty cells)", stacklevel=2)
     axes, labels = spec.axes(model, batch, layers, heads, per_position)
     return PatchResult(
         values=values.reshape([len(labels[a]) for a in axes]), axes=axes, labels=labels, site=site, technique="exact",
@@ -99,7 +105,7 @@ def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str
 
 def _mean_metric(fn: Metric, logits: Tensor, batch: ContrastiveBatch) -> Tensor:
     """fn per variant ([batch, d_vocab] -> [batch] or a scalar), averaged over prompts: [k]."""
-    return torch.stack([fn(variant, batch).float().mean() for variant in logits])
+    return torch.stack([widen(fn(variant, batch)).mean() for variant in logits])
 
 
 def masked_writer(src: Tensor, mask: Tensor, batch_size: int):

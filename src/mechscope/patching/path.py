@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import Metric, read_logits, resolve_metric
+from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
@@ -92,8 +92,10 @@ def path_patch(
     baseline = _mean_metric(fn, read_logits(target_logits, batch)[None], batch).item()
     source_metric = _mean_metric(fn, read_logits(source_logits, batch)[None], batch).item()
     clean_metric, corrupt_metric = (baseline, source_metric) if direction == "noise" else (source_metric, baseline)
+    check_baselines(name, clean_metric, corrupt_metric)
 
-    values = torch.full((len(sender_layers), cfg.n_heads), float("nan"))
+    wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
+    values = torch.full((len(sender_layers), cfg.n_heads), float("nan"), dtype=wide)
     with torch.no_grad(), progress_bar(progress, sum(len(h) for h in chosen.values()), "path patching") as bar:
         for layer in sender_layers:
             heads = chosen[layer]

@@ -132,7 +132,8 @@ class Adapter:
         x = result.sum(2) if proj_out is None else proj_out  # [batch, pos, d_model]
         scale = norm_scale(self.norm_kind, norm, x)  # [batch, pos, 1]
         weight = norm_weight(self.norm_kind, norm)  # [d_model]
-        return (result.float() / scale[:, :, None] * weight.float()).to(result.dtype)
+        wide = torch.promote_types(result.dtype, torch.float32)  # a linear fold: as wide as the model
+        return (result.to(wide) / scale[:, :, None] * weight.to(wide)).to(result.dtype)
 
     def attn_out_from_results(self, layer: int, result: torch.Tensor) -> torch.Tensor:
         """What attention adds to the residual stream given each head's result, [batch, pos, d_model]."""
