@@ -254,7 +254,7 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
     the files it will write (the JSON, the report) and says so."""
     from mechscope.errors import InputError
     from mechscope.metrics import check_metric_name
-    from mechscope.outputs import check_outputs
+    from mechscope.outputs import check_outputs, refuse_non_regular
     from mechscope.patching.sites import patch_site
     from mechscope.tasks.batch import check_direction
 
@@ -271,6 +271,7 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
         raise InputError(f"--top must be 0 or more, not {top}")
     if prompts is not None and not prompts.is_file():
         raise InputError(f"--prompts {prompts} is not a file; give a JSONL file of prompts")
+    refuse_non_regular(out)  # before deriving the report's name from it ("." has none)
     if out.suffix == ".html":
         raise InputError(f"--out {out} names the result JSON; its report is written beside it with .html "
                          f"(give --out {out.with_suffix('.json')})")

@@ -192,7 +192,7 @@ def test_a_prompt_longer_than_the_context(work):
 # ---- report ----------------------------------------------------------------------------------------
 def test_report_on_bad_sources(work, make_read_only):
     (work / "partial.json").write_text(json.dumps({"values": [1.0], "axes": ["layer"]}))
-    refused(work, ["report", "partial.json"], "lacks the field 'labels'")
+    refused(work, ["report", "partial.json"], "lacks the field 'technique'")
     (work / "binary.json").write_bytes(bytes(range(256)))
     refused(work, ["report", "binary.json"], "is not text (it is not UTF-8)")
     (work / "list.json").write_text("[1, 2]")

@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from conftest import ioi_model, tiny_batch, tiny_model
 from mechscope.patching import activation_patch, attribution_patch
@@ -106,3 +107,19 @@ def test_result_report_in_chromium(browser, tmp_path):
     assert errors == [] and requests == []
     assert page.locator("svg.scatter circle.point").count() == len(check.top) + len(check.sample)
     page.screenshot(path=str(tmp_path / "atp.png"), full_page=True)
+
+
+def test_markup_in_the_data_cannot_blank_the_page(browser, tmp_path):
+    """A label that says `<!--<script>` (an HTML parser would treat the rest of the page as a script)
+    or `</script>` is shown as text, and the heatmap still draws."""
+    from mechscope.result import Result
+
+    nasty = ["<!--<script>", "</script><b>bold</b>", "a < b"]
+    result = Result(values=torch.tensor([0.5, -1.0, 0.25]), axes=("layer",), labels={"layer": nasty},
+                    technique="exact <!--", model="m</script>", n_prompts=1, seconds=0.0)
+    path = write_report(result, tmp_path / "nasty.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    assert page.locator("svg.heatmap rect.cell").count() == 3
+    assert page.locator("b").count() == 0  # markup in the data is never parsed as markup
+    assert "<!--<script>" in page.locator("body").inner_text()  # shown as the text it is
