@@ -23,9 +23,9 @@ $(VENV)/.dev: $(VENV)/.deps
 deps: $(VENV)/.deps
 dev: $(VENV)/.dev
 
-# The flagship: the IOI study on SmolLM2, report in demo-out/report.html.
+# The flagship: the IOI study on SmolLM2, report in demo-out/report.html (a rerun replaces it).
 demo: deps
-	$(VENV)/bin/mechscope ioi --model smollm2-135m --out demo-out
+	$(VENV)/bin/mechscope ioi --model smollm2-135m --out demo-out --overwrite
 
 # Headless Chromium (Debian's package) for the reports' end-to-end tests.
 browser:

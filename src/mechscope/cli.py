@@ -192,15 +192,14 @@ def ioi_study(
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
     evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done)."""
-    from mechscope.errors import InputError, OutputError
+    from mechscope.errors import OutputError
     from mechscope.outputs import check_outputs, write_files
     from mechscope.report import render
     from mechscope.result import write_json
     from mechscope.studies.ioi import Settings, run_ioi
 
     with _clear_errors():
-        if not 1 <= n <= MAX_PROMPTS:
-            raise InputError(f"--n must be between 1 and {MAX_PROMPTS} prompts, not {n}")
+        _check_n(n)
         settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
         if os.path.lexists(out) and not out.is_dir():
             raise OutputError(f"--out {out} exists and is not a folder; give a folder for ioi.json and report.html")
@@ -209,8 +208,14 @@ def ioi_study(
         console.print(f"will write {files[0]} and {files[1]}")
         m = _load(model)
         result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        created = not out.exists()
         out.mkdir(exist_ok=True)
-        write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
+        try:
+            write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
+        except BaseException:
+            if created:
+                out.rmdir()  # a failed run leaves nothing behind
+            raise
     _print_circuit(result)
     console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
 
@@ -265,8 +270,8 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
         raise InputError("give either --prompts FILE.jsonl or --task ioi")
     if task is not None and task != "ioi":
         raise InputError(f"unknown task {task!r}; the built-in task is ioi")
-    if task is not None and not 1 <= n <= MAX_PROMPTS:
-        raise InputError(f"--n must be between 1 and {MAX_PROMPTS} prompts, not {n}")
+    if task is not None:
+        _check_n(n)
     if top < 0:
         raise InputError(f"--top must be 0 or more, not {top}")
     if prompts is not None and not prompts.is_file():
@@ -278,6 +283,13 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
     files = check_outputs([out, out.with_suffix(".html")], inputs=[prompts] if prompts else [], overwrite=overwrite)
     console.print(f"will write {files[0]} and {files[1]}")
     return files
+
+
+def _check_n(n: int) -> None:
+    from mechscope.errors import InputError
+
+    if not 1 <= n <= MAX_PROMPTS:
+        raise InputError(f"--n must be between 1 and {MAX_PROMPTS} prompts, not {n}")
 
 
 def _write_result(result, files: list[Path]) -> None:

@@ -90,6 +90,10 @@ def write_files(files: Mapping[str | os.PathLike, str | bytes]) -> list[Path]:
             os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a result file is as any other
         for tmp, target in staged:
             os.replace(tmp, target)
+    except OutputError:
+        raise
+    except OSError as err:  # a full disk, a folder gone or made read-only since the check, ...
+        raise OutputError(f"cannot write {err.filename or 'the output'}: {err.strerror}") from err
     finally:
         for tmp, _ in staged:
             try:

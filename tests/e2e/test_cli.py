@@ -98,6 +98,16 @@ def test_ioi_writes_json_and_report(ioi_model_dir, tmp_path):
     assert done.exit_code == 0, done.output
     assert again.read_text() == page
 
+    # a second run into the same folder replaces both files, and only when asked
+    rerun = ["ioi", "--model", str(ioi_model_dir), "--n", "6", "--n-path", "3", "--seed", "3", "--out", str(out)]
+    done = runner.invoke(app, rerun)
+    assert done.exit_code == 1 and "ioi.json already exists; pass --overwrite" in " ".join(done.output.split())
+    assert (out / "report.html").read_text() == page
+    done = runner.invoke(app, rerun + ["--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "ioi.json").read_text())["seed"] == 3 and (out / "report.html").read_text() != page
+    assert sorted(p.name for p in out.iterdir()) == ["ioi.json", "report.html"]  # no temporaries
+
 
 def test_report_errors(tmp_path):
     done = runner.invoke(app, ["report", str(tmp_path / "missing.json")])

@@ -159,3 +159,28 @@ def test_ioi_log_names_key_value_heads_as_such():
     model = ioi_model("llama-gqa")  # 4 query heads, 2 key/value heads
     assert _receiver_name(model, (2, 1), "q") == "2.1"
     assert _receiver_name(model, (2, 1), "v") == "kv head 2.1 (read by 2.2 2.3)"
+
+
+def test_outputs_are_written_together_or_not_at_all(tmp_path, monkeypatch):
+    """A failure while writing the second file leaves the first target as it was, and no temporary."""
+    import os
+
+    from mechscope.errors import OutputError
+    from mechscope.outputs import write_files
+
+    (tmp_path / "a.json").write_text("old a")
+    real_fdopen = os.fdopen
+    calls = {"n": 0}
+
+    def failing_fdopen(fd, mode):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.close(fd)
+            raise OSError(28, "No space left on device", str(tmp_path / "b.html"))
+        return real_fdopen(fd, mode)
+
+    monkeypatch.setattr(os, "fdopen", failing_fdopen)
+    with pytest.raises(OutputError, match="cannot write .*b.html: No space left on device"):
+        write_files({tmp_path / "a.json": "new a", tmp_path / "b.html": "new b"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert (tmp_path / "a.json").read_text() == "old a"
