@@ -77,7 +77,7 @@ def models_list() -> None:
     table = Table("alias", "source", "fetched", "description")
     for alias, m in zoo.ZOO.items():
         source = m.hub_id or " + ".join(f"{p.package}=={p.version}" for p in m.parts)
-        fetched = "hub" if m.hub_id else ("yes" if zoo.is_fetched(alias) else "no")
+        fetched = "hub" if m.hub_id else zoo.status(alias)
         table.add_row(alias, source, fetched, m.description)
     console.print(table)
     console.print(f"cache: {zoo.home()} (set MECHSCOPE_HOME to move it)")

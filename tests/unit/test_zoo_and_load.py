@@ -157,6 +157,8 @@ def test_a_flipped_bit_is_found_on_load_and_repaired(fake_zoo, caplog):
     zoo.fetch("fake", verify="stamp")
     assert calls["convert"] == 1  # trusted by its stamp: no work
     _flip_a_bit(weights)  # same size, so only the hash can tell
+    assert zoo.is_fetched("fake")  # sizes alone say whole
+    assert zoo.status("fake").startswith("damaged (model.safetensors does not have the sha256")
     with caplog.at_level("WARNING"):
         zoo.fetch("fake", verify="stamp")
     assert "the cached fake is damaged (model.safetensors does not have the sha256 its manifest records)" in caplog.text

@@ -6,6 +6,15 @@ safetensors, config and tokenizer under `$MECHSCOPE_HOME/models/<alias>/hf`, wit
 sizes and hashes. Every file is written beside its target and renamed into place, so an interrupted
 fetch leaves nothing half-written; a second fetch is a no-op; a corrupt or partial file is found
 by the manifest and fetched again.
+
+Trust, on every load (`fetch(alias, verify="stamp")`, what `load_model` calls):
+1. every file the manifest lists must exist with its recorded size;
+2. a file is hashed against the manifest's sha256 unless `verified.json` holds its stamp (size,
+   modification and change times, inode) from when it was last found whole: so the hash is paid
+   once after a fetch or a copy, and any later write to the file makes it count again;
+3. a damaged cache is fetched again under a per-model file lock (concurrent fetches take turns and
+   the second finds the work done), after checking that the cache is writable at all;
+4. temporaries that a killed fetch left (`.hf-*`, `.download-*`) are removed under that lock.
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechscope.errors import ModelLoadError
-from mechscope.outputs import current_umask
+from mechscope.errors import ModelLoadError, OutputError
+from mechscope.outputs import check_folder, current_umask, write_file
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,15 @@ def is_fetched(alias: str) -> bool:
     return _cache_problem(model_dir(alias) / "hf", hashes=False) is None
 
 
+def status(alias: str) -> str:
+    """"yes", "no", or "damaged (what is wrong)": the cache checked as a load checks it."""
+    target = model_dir(alias) / "hf"
+    if not target.exists():
+        return "no"
+    problem = _cache_problem(target, hashes="stamp")
+    return "yes" if problem is None else f"damaged ({problem}): `mechscope models fetch {alias}` repairs it"
+
+
 def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bool | str = True) -> Path:
     """Make `alias` loadable offline; return its Hugging Face directory.
 
@@ -135,9 +153,6 @@ def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bo
 
 def _check_writable(folder: Path, alias: str) -> None:
     """Before any download or conversion: the cache must be writable (or creatable)."""
-    from mechscope.errors import OutputError
-    from mechscope.outputs import check_folder
-
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         check_folder(existing, "the zoo cache")
@@ -353,8 +368,6 @@ def _read_stamps(target: Path) -> dict:
 
 def _write_stamps(target: Path, stamps: dict) -> None:
     try:
-        from mechscope.outputs import write_file
-
         write_file(_stamps_path(target), json.dumps(stamps))
     except OSError:  # a read-only cache: the files are hashed again on the next load
         pass
