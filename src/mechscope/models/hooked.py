@@ -118,7 +118,7 @@ class HookedModel:
         if 0 in tokens.shape:
             raise InputError(f"no tokens to run (shape {tuple(tokens.shape)}): an empty prompt, with a tokenizer "
                              "that adds no BOS token, has nothing to predict from; give some text")
-        if tokens.shape[1] > self.cfg.n_ctx:
+        if 0 < self.cfg.n_ctx < tokens.shape[1]:  # 0: the config names no context length
             raise InputError(f"{tokens.shape[1]} tokens are more than {self.cfg.model_name}'s context of "
                              f"{self.cfg.n_ctx} positions; shorten the prompts")
         check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.dtype, self.device)
