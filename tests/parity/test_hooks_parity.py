@@ -176,3 +176,27 @@ def test_wrapping_does_not_touch_the_model(family, tokens):
     HookedModel(hf)
     assert torch.equal(hf(input_ids=tokens).logits, before)
     assert not hf._forward_hooks and not hf._forward_pre_hooks
+
+
+def test_in_place_edits_take_effect_as_returned_ones(model, tokens):
+    """At every site of a layer and every global site: `act.mul_(0.9)` returning None gives exactly
+    the logits that returning `act * 0.9` gives, and an inert read stays inert."""
+    base = model(tokens)
+    names = [n for n in model.hook_names if n.startswith("blocks.1.") or not n.startswith("blocks.")]
+
+    def in_place(act, hook):
+        act.mul_(0.9)
+
+    for name in names:
+        returned = model.run_with_hooks(tokens, fwd_hooks=[(name, lambda act, hook: act * 0.9)])
+        edited = model.run_with_hooks(tokens, fwd_hooks=[(name, in_place)])
+        assert not torch.allclose(returned, base), name  # the edit matters
+        assert torch.equal(edited, returned), name
+    seen = []
+
+    def read(act, hook):  # reads, even through views, edit nothing
+        seen.append(act[..., :1].sum().item() + act.detach().abs().max().item())
+
+    names = [n for n in names if not n.endswith("hook_pattern")]  # eager attention rounds otherwise
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(n, read) for n in names]), base)
+    assert len(seen) == len(names)

@@ -60,16 +60,25 @@ class Attachment:
 
 def _run(fn: HookFn, point: HookPoint, act: torch.Tensor, backward: bool):
     """Call a forward hook, or hang a backward hook on `act`. Returns the activation to write back,
-    or None when the model's own value stands."""
+    or None when the model's own value stands.
+
+    One rule for every site, as in TransformerLens: a hook that edits its activation in place and
+    returns None has returned the edited tensor. (Some sites hand the hook a tensor computed for it,
+    such as `hook_result`, `hook_resid_mid`, `hook_scale` and the pattern; an in-place edit there
+    would otherwise change nothing.) PyTorch's version counter tells an edit from none, so a hook
+    that only reads still leaves the model's computation untouched, bit for bit."""
     if backward:
         if not (torch.is_grad_enabled() and act.requires_grad):
             return None
         act = act.view_as(act)  # a node of our own, through which the gradient flows
         act.register_hook(lambda grad: fn(grad, point))
         return act
+    version = act._version
     new = fn(act, point)
     if new is None:
-        return None
+        if act._version == version:
+            return None
+        new = act  # edited in place
     if not isinstance(new, torch.Tensor) or new.shape != act.shape:
         got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
         raise ValueError(
