@@ -93,7 +93,8 @@ def copy_scores(
     layers = sorted({l for l, _ in wanted})
     names = [f"blocks.{l}.attn.hook_v" for l in layers]
     wide = torch.promote_types(model.dtype, torch.float32)
-    scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan"), dtype=wide) for kind in ("copy", "negative_copy")}
+    scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan"), dtype=wide)
+              for kind in ("copy", "negative_copy")}
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.clean, names_filter=names)
         rows = torch.arange(len(batch))

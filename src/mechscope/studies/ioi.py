@@ -170,7 +170,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         if not receivers or max(l for l, _ in receivers) == 0:
             return []
         at = _at(where, path_positions)
-        log(f"path patching into the {receiver_input} of {', '.join(_receiver_name(model, r, receiver_input) for r in receivers)}")
+        names = ", ".join(_receiver_name(model, r, receiver_input) for r in receivers)
+        log(f"path patching into the {receiver_input} of {names}")
         result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
                                  progress=progress), key)
         found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
