@@ -43,7 +43,8 @@ def check_outputs(
         refuse_non_regular(path, flag)
         if path.exists() and not overwrite:
             raise OutputError(f"{path} already exists; pass --overwrite to replace it, or choose another {flag}")
-        check_folder(path.parent, flag)
+    for folder in {p.parent for p in paths}:  # one probe per folder
+        check_folder(folder, flag)
     return paths
 
 

@@ -10,6 +10,7 @@ import os
 import stat
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import byte_tokenizer, snapshot, tiny_hf
@@ -23,7 +24,7 @@ RECORDS = [{"clean": "the cat sat", "corrupt": "the rat sat", "answer": "a", "wr
 @pytest.fixture
 def work(tmp_path, monkeypatch):
     """A folder holding a tiny model (m/) and a prompts file (p.jsonl), as the current directory."""
-    tiny_hf("llama-gqa", dtype=__import__("torch").float32).save_pretrained(tmp_path / "m")
+    tiny_hf("llama-gqa", dtype=torch.float32).save_pretrained(tmp_path / "m")
     byte_tokenizer().save_pretrained(tmp_path / "m")
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
     monkeypatch.chdir(tmp_path)

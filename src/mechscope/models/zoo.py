@@ -337,12 +337,13 @@ def _cache_problem(target: Path, *, hashes: bool | str) -> str | None:
         path = target / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, not {meta['size']}"
-        if hashes and stamps.get(name) != _stamp(path):
+        stamp = _stamp(path)  # one stat: [size, mtime, ctime, inode]
+        if stamp[0] != meta["size"]:
+            return f"{name} has {stamp[0]} bytes, not {meta['size']}"
+        if hashes and stamps.get(name) != stamp:
             if _sha256(path) != meta["sha256"]:
                 return f"{name} does not have the sha256 its manifest records"
-            fresh[name] = _stamp(path)
+            fresh[name] = stamp
     if fresh:
         _write_stamps(target, {**stamps, **fresh})
     return None

@@ -35,11 +35,16 @@ def tokenize_pairs(
         ta, tb = model.to_str_tokens(a), model.to_str_tokens(b)
         if len(ta) != len(tb):
             raise InputError(
-                f"{where[i] if where else f'pair {i}'}: the clean prompt is {len(ta)} tokens and the "
+                f"{_at(where, i)}: the clean prompt is {len(ta)} tokens and the "
                 f"corrupt one {len(tb)}; patching needs equal lengths.\n  clean:   {ta}\n  corrupt: {tb}\n"
                 "Choose words that are one token each (e.g. names with a leading space)."
             )
     return model.to_tokens(list(clean)), model.to_tokens(list(corrupt)), model.last_positions(list(clean))
+
+
+def _at(where: Sequence[str] | None, i: int, kind: str = "pair") -> str:
+    """How an error names the i-th input: its place (e.g. a file line) when known."""
+    return where[i] if where else f"{kind} {i}"
 
 
 def check_direction(direction: str) -> None:
@@ -98,13 +103,13 @@ class ContrastiveBatch:
             try:
                 return model.to_single_token(text)
             except InputError as err:
-                raise InputError(f"{where[i] if where else f'pair {i}'}: the {what} {err}") from None
+                raise InputError(f"{_at(where, i)}: the {what} {err}") from None
 
         answer_ids = [single(a, i, "answer") for i, a in enumerate(answers)]
         wrong_ids = [single(w, i, "wrong answer") for i, w in enumerate(wrongs)]
         for i, (a, w) in enumerate(zip(answer_ids, wrong_ids)):
             if a == w:  # the logit difference would be 0 everywhere, and every normalized effect 0 / 0
-                raise InputError(f"{where[i] if where else f'pair {i}'}: the answer {answers[i]!r} and the wrong "
+                raise InputError(f"{_at(where, i)}: the answer {answers[i]!r} and the wrong "
                                  f"answer {wrongs[i]!r} are the same token; give two different answers")
         device = clean_tokens.device
         return cls(
@@ -123,7 +128,7 @@ class ContrastiveBatch:
         """From dicts with keys clean, corrupt, answer, wrong (and optionally template: the group)."""
         records = list(records)
         for i, r in enumerate(records):
-            at = where[i] if where else f"record {i}"
+            at = _at(where, i, "record")
             if not isinstance(r, dict):
                 raise InputError(f'{at}: expected an object {{"clean", "corrupt", "answer", "wrong"}}, '
                                  f"not {type(r).__name__} {json.dumps(r)[:40]}")
