@@ -92,6 +92,30 @@ def ioi_model(name: str, seed: int = 0, layers: int | None = None) -> HookedMode
     return HookedModel(hf, tokenizer)
 
 
+def bpe_word_model() -> HookedModel:
+    """A tiny Llama (grouped-query) with a byte-level BPE trained here: IOI's words and half the
+    positional study's words are frequent enough to become one token; the other study words are seen
+    once and stay split (as long words are for a real tokenizer)."""
+    from tokenizers import trainers
+
+    from mechscope.studies.positions import words
+    from mechscope.tasks.ioi import BABA, NAMES, OBJECTS, PLACES
+
+    study = words()
+    corpus = [" ".join(BABA) * 3] + [w * 50 for w in NAMES + PLACES + OBJECTS]
+    corpus += [f" {w}" * 40 for w in study[::2]] + [f" {w}" for w in study[1::2]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=900, special_tokens=["<bos>", "<eos>", "<pad>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=128)
+    torch.manual_seed(0)
+    return HookedModel(AutoModelForCausalLM.from_config(config).eval().double(), tokenizer)
+
+
 def _configs() -> dict:
     common = dict(vocab_size=VOCAB, max_position_embeddings=64)
     return {
@@ -168,6 +192,15 @@ def smollm2():
     import mechscope
 
     return mechscope.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ioi(smollm2):
+    """The IOI study on SmolLM2 (about 5 minutes here), shared by the real tests that need its heads."""
+    from mechscope.studies import Settings, run_ioi
+
+    with torch.no_grad():
+        return run_ioi(smollm2, Settings(n=32, n_path=12, seed=3))
 
 
 @pytest.fixture(scope="session")

@@ -198,32 +198,109 @@ def ioi_study(
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
     evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done)."""
-    from mechscope.errors import OutputError
-    from mechscope.outputs import check_outputs, write_files
-    from mechscope.report import render
-    from mechscope.result import write_json
     from mechscope.studies.ioi import Settings, run_ioi
 
     with _clear_errors():
         _check_n(n)
         settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
-        if os.path.lexists(out) and not out.is_dir():
-            raise OutputError(f"--out {out} exists and is not a folder; give a folder for ioi.json and report.html")
-        files = [out / "ioi.json", out / "report.html"]
-        check_outputs(files if out.is_dir() else [out], overwrite=overwrite)  # OUT's folder must be writable
-        console.print(f"will write {files[0]} and {files[1]}")
+        files = _study_outputs(out, "ioi.json", overwrite)
         m = _load(model)
         result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
-        created = not out.exists()
-        out.mkdir(exist_ok=True)
-        try:
-            write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
-        except BaseException:
-            if created:
-                out.rmdir()  # a failed run leaves nothing behind
-            raise
+        _write_study(out, files, result)
     _print_circuit(result)
     console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
+
+
+def _study_outputs(out: Path, json_name: str, overwrite: bool) -> list[Path]:
+    """A study writes OUT/<json_name> and OUT/report.html; checked before any work, and said."""
+    from mechscope.errors import OutputError
+    from mechscope.outputs import check_outputs
+
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder; give a folder for {json_name} and report.html")
+    files = [out / json_name, out / "report.html"]
+    check_outputs(files if out.is_dir() else [out], overwrite=overwrite)  # OUT's folder must be writable
+    console.print(f"will write {files[0]} and {files[1]}")
+    return files
+
+
+def _write_study(out: Path, files: list[Path], result: dict) -> None:
+    """Both files or neither; OUT is created only now, and removed again if writing fails."""
+    from mechscope.outputs import write_files
+    from mechscope.report import render
+    from mechscope.result import write_json
+
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
+    except BaseException:
+        if created:
+            out.rmdir()  # a failed run leaves nothing behind
+        raise
+
+
+@app.command("positions")
+def positions_study(
+    model: ModelSpec = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Directory for positions.json and report.html.")] = Path("positions-out"),
+    n: Annotated[int, typer.Option(help="Word-list prompts for the probes.")] = 1000,
+    n_ioi: Annotated[int, typer.Option(help="IOI prompts for the cross-template patching.")] = 48,
+    heads: Annotated[Optional[str], typer.Option(help="S-inhibition heads as 'L.H,L.H', or an ioi.json (or its "
+                                                "folder) from `mechscope ioi`; default: found here.")] = None,
+    seed: Seed = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the positions.json and report.html of "
+                                            "an earlier run in OUT.")] = False,
+) -> None:
+    """The positional hypothesis: probe every layer for a token's word index in a list of words,
+    against the absolute position and controls, then patch IOI's S-inhibition heads across templates.
+    Writes OUT/positions.json and OUT/report.html."""
+    from mechscope.studies.positions import PositionSettings, run_positions
+
+    with _clear_errors():
+        _check_n(n)
+        settings = PositionSettings(n=n, n_ioi=n_ioi, seed=seed)
+        chosen = _parse_heads_option(heads)
+        files = _study_outputs(out, "positions.json", overwrite)
+        m = _load(model)
+        result = run_positions(m, settings, heads=chosen, progress=True,
+                               log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        _write_study(out, files, result)
+    best = result["layers"].index(result["best_layer"])
+    console.print(f"best layer {result['best_layer']}: word-index accuracy {result['accuracy'][best]:.3f}, "
+                  f"absolute-position baseline {result['position_baseline'][best]:.3f}, random-init model "
+                  f"{result['random_init_control'][best]:.3f}, shuffled labels {result['shuffled_labels'][best]:.3f}")
+    if result["causal"]:
+        c = result["causal"]
+        console.print(f"S-inhibition heads {' '.join(c['heads'])}: same-template effect {c['same_template_effect']:.3f}, "
+                      f"cross-template {c['cross_template_effect']:.3f} (ratio {_fmt(c['cross_template_ratio'])})")
+    console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def _parse_heads_option(heads: str | None) -> list[str] | None:
+    """--heads: 'L.H,L.H' or an ioi.json (or its folder): its S-inhibition heads."""
+    import re
+
+    from mechscope.errors import InputError
+
+    if heads is None:
+        return None
+    if re.fullmatch(r"\s*\d+\.\d+(\s*,\s*\d+\.\d+)*\s*", heads):
+        return [h.strip() for h in heads.split(",")]
+    path = Path(heads)
+    if path.is_dir() or path.is_file():
+        from mechscope.report import load
+
+        data = load(path)
+        try:
+            return list(data["circuit"]["s_inhibition"])
+        except (KeyError, TypeError):
+            raise InputError(f"{path} has no circuit.s_inhibition; give an ioi.json written by `mechscope ioi`") from None
+    raise InputError(f"--heads {heads!r} is neither heads like '7.3,8.6' nor an ioi.json or its folder")
 
 
 def _print_circuit(result: dict) -> None:
@@ -248,11 +325,11 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (opens offline in any browser)."""
     from mechscope.outputs import check_outputs
-    from mechscope.report import load, write_report
+    from mechscope.report import load, source_file, write_report
 
     with _clear_errors():
         target = output or (source / "report.html" if source.is_dir() else source.with_suffix(".html"))
-        read = source / "ioi.json" if source.is_dir() else source
+        read = source_file(source)
         check_outputs([target], inputs=[read], overwrite=overwrite, flag="--output")
         data = load(source)
         write_report(data, target)

@@ -115,7 +115,7 @@ def test_report_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"hello": 1}')
     done = runner.invoke(app, ["report", str(bad)])
-    assert done.exit_code == 1 and "neither an IOI study" in " ".join(done.output.split())
+    assert done.exit_code == 1 and "neither a study" in " ".join(done.output.split())
     assert not bad.with_suffix(".html").exists()
 
 
@@ -128,3 +128,34 @@ def test_the_paper_heads_are_printed_beside_the_found_ones_for_gpt2(capsys):
                         "circuit_logit_diff": 3.0, "faithfulness": 3.0 / 3.5, "n_circuit_heads": 2, "n_model_heads": 144})
     out = " ".join(capsys.readouterr().out.split())
     assert "Wang et al. 2022" in out and "9.9 9.6 10.0" in out and "10.7 11.10" in out and "faithfulness 0.857" in out
+
+
+def test_positions_writes_its_json_and_report(tmp_path):
+    from conftest import bpe_word_model
+
+    model = bpe_word_model()
+    model.hf.save_pretrained(tmp_path / "m")
+    model.tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "out"
+    args = ["positions", "--model", str(tmp_path / "m"), "--n", "16", "--n-ioi", "4", "--heads", "2.1,1.3",
+            "--out", str(out)]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    result = json.loads((out / "positions.json").read_text())
+    for key in ("model", "best_layer", "accuracy", "position_baseline", "random_init_control", "shuffled_labels",
+                "per_index_f1", "confusion", "cross_template_ratio", "seconds"):
+        assert key in result, key
+    assert result["causal"]["heads"] == ["1.3", "2.1"] and (out / "report.html").stat().st_size > 1000
+    assert "best layer" in done.output and "cross-template" in done.output
+    again = runner.invoke(app, args)  # an earlier run is never replaced silently
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+def test_positions_refuses_bad_heads_before_loading(tmp_path):
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["positions", "--model", "never-loaded", "--heads", "seven", "--out", str(out)])
+    assert done.exit_code == 1 and "neither heads like '7.3,8.6'" in done.output and not out.exists()
+    (tmp_path / "ioi.json").write_text('{"circuit": {}}')
+    done = runner.invoke(app, ["positions", "--model", "never-loaded", "--heads", str(tmp_path / "ioi.json"),
+                               "--out", str(out)])
+    assert done.exit_code == 1 and "no circuit.s_inhibition" in done.output

@@ -123,3 +123,20 @@ def test_markup_in_the_data_cannot_blank_the_page(browser, tmp_path):
     assert page.locator("svg.heatmap rect.cell").count() == 3
     assert page.locator("b").count() == 0  # markup in the data is never parsed as markup
     assert "<!--<script>" in page.locator("body").inner_text()  # shown as the text it is
+
+
+def test_positions_report_in_chromium(browser, tmp_path):
+    from conftest import bpe_word_model
+    from mechscope.studies.positions import PositionSettings, run_positions
+
+    result = run_positions(bpe_word_model(), PositionSettings(n=16, n_words=4, n_ioi=4), heads=["2.1"])
+    path = write_report(result, tmp_path / "positions.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    assert page.locator("svg.lines path.series").count() == 4  # probe, position, random init, shuffled
+    assert page.locator("svg.lines circle.point").count() == 4 * len(result["layers"])
+    assert page.locator("svg.heatmap rect.cell").count() == 4 * 4  # the confusion matrix
+    page.locator("svg.lines circle.point").first.dispatch_event("mousemove")  # points of equal value overlap
+    assert "word-index probe" in page.locator("#ms-tip").inner_text()
+    assert "Cross-template patching" in page.content()
+    page.screenshot(path=str(tmp_path / "positions.png"), full_page=True)

@@ -8,19 +8,14 @@ from mechscope.analysis.circuit import Knockouts, knockout_hooks, parse_heads
 from mechscope.analysis.dla import direct_logit_attribution
 from mechscope.analysis.heads import attention_from_end, copy_scores, head_scores
 from mechscope.patching import path_patch
-from mechscope.studies import Settings, run_ioi
 from mechscope.tasks import ContrastiveBatch, ioi
 from mechscope.tasks.ioi import name_positions
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad")]
 
-SETTINGS = Settings(n=32, n_path=12, seed=3)
-
-
 @pytest.fixture(scope="module")
-def study(smollm2):
-    with torch.no_grad():
-        return run_ioi(smollm2, SETTINGS)
+def study(smollm2_ioi):
+    return smollm2_ioi
 
 
 @pytest.fixture(scope="module")

@@ -214,6 +214,28 @@ class HookedModel:
             return self._resolve(names_filter)
         return [n for name in names_filter for n in self._resolve(name)]
 
+    # ---- generation and controls --------------------------------------------------------------
+    def generate(self, tokens, *, max_new_tokens: int, fwd_hooks: Hooks = (), do_sample: bool = False, **kwargs):
+        """transformers' `generate` (KV cache included) with `fwd_hooks` applied at every step.
+
+        Text in, text out (prompt and continuation; prompts of different lengths are padded on the
+        left); token ids in, what `generate` returns. With no hooks it is exactly the plain call.
+        Other keywords go to `generate` (temperature, top_k, ...). Hooks see the prompt in the first
+        forward, then one position per step; interventions from `mechscope.probes` count positions
+        from the prompt's first token in both (`models.generate.position_offset`)."""
+        from mechscope.models.generate import generate
+
+        return generate(self, tokens, max_new_tokens=max_new_tokens, fwd_hooks=fwd_hooks, do_sample=do_sample,
+                        **kwargs)
+
+    def reinitialized(self, seed: int = 0) -> "HookedModel":
+        """A copy with the same architecture and fresh random weights from the family's own
+        initialization (the control for a probe: what can be read out of an untrained network)."""
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.manual_seed(seed)
+            hf = type(self.hf)(self.hf.config).to(device=self.device, dtype=self.dtype)
+        return HookedModel(hf, self.tokenizer)
+
     # ---- tokens -----------------------------------------------------------------------------
     def _encode(self, text: str | list[str], prepend_bos: bool | None) -> list[list[int]]:
         if self.tokenizer is None:

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from mechscope.errors import InputError
 from mechscope.report import html
+from mechscope.report.positions import positions_views
 from mechscope.report.views import ioi_views, result_views
 
 
 def render(data) -> str:
-    """The HTML page for an IOI study dict, a Result, or a Result's dict."""
+    """The HTML page for a study dict (ioi.json, positions.json), a Result, or a Result's dict."""
     if hasattr(data, "to_dict"):
         data = data.to_dict()
     if not isinstance(data, dict):
@@ -23,6 +24,9 @@ def render(data) -> str:
         if "circuit" in data and "intermediate" in data:
             subtitle = f"{data['n_prompts']} prompts, seed {data['seed']}, mechscope ioi"
             return html.document(f"IOI circuit of {data['model']}", subtitle, ioi_views(data))
+        if "position_baseline" in data and "layers" in data:
+            return html.document(f"Word positions in {data['model']}", f"{data['n_prompts']} prompts, mechscope "
+                                 "positions", positions_views(data))
         if "values" in data and "axes" in data:
             return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
                                  result_views(data))
@@ -32,7 +36,7 @@ def render(data) -> str:
     except (TypeError, ValueError, IndexError, AttributeError) as err:
         raise InputError(f"this JSON has a malformed field ({type(err).__name__}: {err}); give an ioi.json or "
                          "a result JSON as mechscope wrote it") from None
-    raise InputError("this is neither an IOI study (ioi.json) nor a mechscope result JSON")
+    raise InputError("this is neither a study (ioi.json, positions.json) nor a mechscope result JSON")
 
 
 def write_report(data, path: str | Path) -> Path:
@@ -52,11 +56,17 @@ class Report:
         return html.write(self.page, path)
 
 
-def load(path: str | Path) -> dict:
-    """The data of a report source: a result JSON, an ioi.json, or a directory holding ioi.json."""
+def source_file(path: str | Path) -> Path:
+    """The JSON a report reads: `path` itself, or the study JSON in a folder a study wrote."""
     path = Path(path)
     if path.is_dir():
-        path = path / "ioi.json"
+        return next((path / f for f in ("ioi.json", "positions.json") if (path / f).is_file()), path / "ioi.json")
+    return path
+
+
+def load(path: str | Path) -> dict:
+    """The data of a report source: a result JSON, a study JSON, or the folder a study wrote."""
+    path = source_file(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist; give a result JSON or a directory written by `mechscope ioi`")
     try:

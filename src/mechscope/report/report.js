@@ -198,6 +198,34 @@
         item.appendChild(document.createTextNode(cls));
       });
     },
+    lines(v) {
+      const s = section(v.title, v.note);
+      const W = Math.max(420, 60 + 22 * v.x.length), H = 340, m = 50;
+      const svg = el("svg:svg", { width: W, height: H, class: "lines" }, s);
+      const ys = v.series.flatMap((x) => x.values).filter((y) => y !== null);
+      const lo = Math.min(0, ...ys), hi = Math.max(1e-9, ...ys);
+      const sx = (i) => m + i / Math.max(1, v.x.length - 1) * (W - 2 * m), sy = (y) => H - m - (y - lo) / (hi - lo) * (H - 2 * m);
+      el("svg:line", { x1: m, y1: H - m, x2: W - m, y2: H - m, class: "axisline" }, svg);
+      el("svg:line", { x1: m, y1: m, x2: m, y2: H - m, class: "axisline" }, svg);
+      const palette = ["#d62728", "#1f77b4", "#7f7f7f", "#bcbd22", "#9467bd", "#2ca02c"];
+      const legend = el("div", { class: "legend" }, s);
+      v.series.forEach((series, k) => {
+        const c = palette[k % palette.length];
+        const pts = series.values.map((y, i) => [i, y]).filter(([, y]) => y !== null);
+        el("svg:path", { d: pts.map(([i, y], j) => `${j ? "L" : "M"}${sx(i)},${sy(y)}`).join(" "), fill: "none",
+                         stroke: c, "stroke-width": 2, class: "series" }, svg);
+        pts.forEach(([i, y]) => hover(el("svg:circle", { cx: sx(i), cy: sy(y), r: 3.5, style: `fill:${c}`, class: "point" }, svg),
+                                      `${series.name}, ${v.xTitle} ${v.x[i]}: ${fmt(y)}`));
+        const item = el("span", {}, legend);
+        el("span", { class: "swatch", style: `background:${c}` }, item);
+        item.appendChild(document.createTextNode(series.name));
+      });
+      v.x.forEach((label, i) => el("svg:text", { x: sx(i), y: H - m + 14, "text-anchor": "middle", class: "tick" }, svg, label));
+      el("svg:text", { x: W / 2, y: H - 12, "text-anchor": "middle", class: "axis" }, svg, v.xTitle);
+      el("svg:text", { x: 14, y: H / 2, class: "axis", transform: `rotate(-90 14 ${H / 2})`, "text-anchor": "middle" }, svg, v.yTitle);
+      el("svg:text", { x: m - 4, y: m + 4, "text-anchor": "end", class: "tick" }, svg, fmt(hi));
+      el("svg:text", { x: m - 4, y: H - m, "text-anchor": "end", class: "tick" }, svg, fmt(lo));
+    },
     scatter(v) {
       const s = section(v.title, v.note);
       const W = 420, H = 360, m = 50;

@@ -91,8 +91,12 @@ def is_gpt2_small(model: HookedModel) -> bool:
 
 
 def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bool = False,
-            log: Callable[[str], None] = lambda text: None) -> dict:
-    """Run the study; returns what `mechscope ioi` writes to ioi.json."""
+            log: Callable[[str], None] = lambda text: None, stop_after: str | None = None) -> dict:
+    """Run the study; returns what `mechscope ioi` writes to ioi.json. `stop_after="S-inhibition"`
+    ends after step 3 and returns only {"model", "circuit" (found so far), "tau", "logit_diff",
+    "seconds", "step_seconds", "partial"}: what a study that needs the S-inhibition heads needs."""
+    if stop_after not in (None, "S-inhibition"):
+        raise InputError(f"stop_after is None or 'S-inhibition', not {stop_after!r}")
     s = settings
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -182,6 +186,10 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         if not classified(head):
             classify(head, "s_inhibition", path_effect=effect, attention_s2=attention["S2"].values[head].item())
     step("S-inhibition")
+    if stop_after == "S-inhibition":
+        return {"model": model.cfg.model_name, "circuit": {c: [head_name(h) for h in hs] for c, hs in circuit.items()},
+                "tau": tau, "logit_diff": f_model, "seconds": round(time.perf_counter() - start, 2),
+                "step_seconds": timings, "partial": stop_after}
 
     # 4. Induction and duplicate-token heads: path patching into the S-inhibition heads' values
     for head, effect in senders_into(circuit["s_inhibition"], "v", "S2", "path_to_s_inhibition_values"):
