@@ -271,3 +271,20 @@ def test_a_reinitialized_model_is_fresh_and_seeded():
     assert pa.keys() == pm.keys() and a.dtype == m.dtype and a.hook_names == m.hook_names
     w = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(pa[w], pb[w]) and not torch.equal(pa[w], pc[w]) and not torch.equal(pa[w], pm[w])
+
+
+def test_collect_checks_memory_per_batch_not_for_the_whole_dataset(monkeypatch):
+    """A dataset whose logits would not fit at once is collected batch by batch (and never unembedded).
+    The memory check is made to refuse anything above 16 prompts (real checks start at 256 MiB)."""
+    from mechscope.models import hooked
+
+    def at_most_16_prompts(shape, d_vocab, dtype, device):
+        if shape[0] > 16:
+            raise InputError(f"{shape[0]} prompts need too much memory")
+
+    monkeypatch.setattr(hooked, "check_fits_in_memory", at_most_16_prompts)
+    m = tiny_model("gpt2")
+    tokens = torch.randint(0, 256, (64, 16))
+    with pytest.raises(InputError, match="64 prompts need too much memory"):
+        m(tokens)
+    assert len(collect(m, tokens, "blocks.0.hook_resid_post", batch_size=8)) == 64 * 16

@@ -58,7 +58,7 @@ def group_means(model: HookedModel, batch: ContrastiveBatch, reference: Contrast
     with torch.no_grad():
         _, cache = model.run_with_cache(reference.corrupt, names_filter=names)
     n_pos = batch.clean.shape[1]
-    rows = {g: torch.tensor([i for i, r in enumerate(ref_groups) if r == g]) for g in set(groups)}
+    rows = {g: torch.tensor([i for i, r in enumerate(ref_groups) if r == g], device=model.device) for g in set(groups)}
     out = {}
     for name in names:
         z = cache[name]  # [ref, ref_pos, head, d_head]
@@ -73,7 +73,7 @@ def knockout_hooks(model: HookedModel, keep: set[Head], means: dict[str, Tensor]
     """Hooks that mean-ablate every head not in `keep` (one run of the batch)."""
     hooks = []
     for l in range(model.cfg.n_layers):
-        ablate = torch.tensor([(l, h) not in keep for h in range(model.cfg.n_heads)])  # [head]
+        ablate = torch.tensor([(l, h) not in keep for h in range(model.cfg.n_heads)], device=model.device)  # [head]
         if not ablate.any():
             continue
         mean = means[f"blocks.{l}.attn.hook_z"]
@@ -112,7 +112,7 @@ class Knockouts:
 
     def _run(self, keeps: Sequence[set[Head]]) -> list[float]:
         cfg, b, k = self.model.cfg, len(self.batch), len(keeps)
-        ablate = torch.ones(k, cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # [variant, layer, head]
+        ablate = torch.ones(k, cfg.n_layers, cfg.n_heads, dtype=torch.bool, device=self.model.device)  # [variant, layer, head]
         for j, keep in enumerate(keeps):
             for l, h in keep:
                 ablate[j, l, h] = False

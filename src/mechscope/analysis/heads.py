@@ -107,8 +107,8 @@ def copy_scores(
             result = a.head_results(l, v[:, None])[:, 0, hs]  # [case, head, d_model]: each head's write
             logits = model.logits_from_resid(result)  # [case, head, d_vocab]
             own = logits.gather(-1, tokens[:, None, None].expand(-1, len(hs), 1))  # [case, head, 1]
-            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).to(wide).mean(0)
-            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).to(wide).mean(0)
+            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).to(wide).mean(0).cpu()
+            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).to(wide).mean(0).cpu()
     return {kind: Result(values=values, axes=("layer", "head"), labels=head_labels(model),
                          technique=kind.replace("_", " ") + " score", model=cfg.model_name, n_prompts=len(batch),
                          seconds=time.perf_counter() - start, extra={"k": k, "positions": list(positions)})

@@ -105,7 +105,9 @@ class HookedModel:
 
     forward = __call__
 
-    def _as_tokens(self, tokens) -> Tensor:
+    def _as_tokens(self, tokens, *, whole_batch: bool = True) -> Tensor:
+        """Token ids [batch, pos] on the model's device, checked. `whole_batch=False`: the caller runs
+        them in smaller batches, so the memory check is left to those runs."""
         if isinstance(tokens, (list, tuple)) and not tokens:
             raise InputError("no prompts: give a string, a list of strings or token ids [batch, pos]")
         if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and isinstance(tokens[0], str)):
@@ -121,7 +123,8 @@ class HookedModel:
         if 0 < self.cfg.n_ctx < tokens.shape[1]:  # 0: the config names no context length
             raise InputError(f"{tokens.shape[1]} tokens are more than {self.cfg.model_name}'s context of "
                              f"{self.cfg.n_ctx} positions; shorten the prompts")
-        check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.dtype, self.device)
+        if whole_batch:
+            check_fits_in_memory(tokens.shape, self.cfg.d_vocab, self.dtype, self.device)
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab):
             bad = tokens[(tokens < 0) | (tokens >= self.cfg.d_vocab)].unique()[:5].tolist()
             raise InputError(

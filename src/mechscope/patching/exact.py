@@ -80,7 +80,7 @@ def activation_patch(
                 mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
                 patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
                 for (hi, _, pi, _), value in zip(chunk, patched):
-                    values[li, hi, pi] = value - baseline
+                    values[li, hi, pi] = value.item() - baseline
                 bar.advance(len(chunk))
 
     if not values.isfinite().all():
@@ -115,7 +115,8 @@ def masked_writer(src: Tensor, mask: Tensor, batch_size: int):
 
     def write(act: Tensor, _) -> Tensor:
         rows = act.reshape(k, batch_size, *act.shape[1:])  # [k, batch, *site shape]
-        return torch.where(mask[:, None], src[None], rows).reshape(act.shape)
+        where = mask.to(act.device)[:, None]
+        return torch.where(where, src.to(act.device)[None], rows).reshape(act.shape)
 
     return write
 

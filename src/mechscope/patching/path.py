@@ -116,7 +116,7 @@ def path_patch(
                 with model.hooks(fwd_hooks=frozen + [(n, record) for n in recv_names]):
                     inputs.run_layers(hidden, layer, last + 1, k)
                 logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k)
-            values[layer, heads] = _mean_metric(fn, logits, batch) - baseline
+            values[layer, heads] = (_mean_metric(fn, logits, batch) - baseline).cpu()
             bar.advance(k)
 
     labels = {"layer": [str(l) for l in sender_layers], "head": [str(h) for h in range(cfg.n_heads)]}

@@ -171,8 +171,9 @@ def _rows(model: "HookedModel", tokens, positions) -> tuple[Tensor, Tensor]:
     if isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str):
         ids = model.to_tokens(list(tokens))
         real = torch.arange(ids.shape[1], device=ids.device) <= model.last_positions(list(tokens))[:, None]
+        ids = model._as_tokens(ids, whole_batch=False)
     else:
-        ids = model._as_tokens(tokens)
+        ids = model._as_tokens(tokens, whole_batch=False)  # run in batches: each batch is checked
         real = torch.ones_like(ids, dtype=torch.bool)
     if positions is None:
         return ids, real.cpu()
