@@ -80,7 +80,9 @@ def word_lists(model: HookedModel, s: PositionSettings) -> tuple[ProbeDataset, l
             ids += pieces[w]
             lab += [i] * len(pieces[w])
             counts[len(pieces[w])] = counts.get(len(pieces[w]), 0) + 1
-        rows.append(ids), labels.append(lab), texts.append(s.prefix + "".join(" " + w for w in chosen))
+        rows.append(ids)
+        labels.append(lab)
+        texts.append(s.prefix + "".join(" " + w for w in chosen))
     width = max(len(r) for r in rows)
     tokens = torch.tensor([r + [model.pad_token_id] * (width - len(r)) for r in rows])  # [prompt, pos]
     label = torch.tensor([r + [-1] * (width - len(r)) for r in labels])  # [prompt, pos]
@@ -114,7 +116,8 @@ def cross_template(model: HookedModel, heads: Sequence, n: int, seed: int) -> di
         same.append(BABA[i].format(IO=a, S1=b, S2=b, **fill))  # subject first, other names
         cross.append(BABA[j].format(IO=a, S1=b, S2=b, **fill))  # subject first, names elsewhere
         order.append(abba.format(IO=a, S1=b, S2=b, **fill))  # subject second as in the target
-        io_ids.append(model._encode(io, False)[0][0]), s_ids.append(model._encode(s, False)[0][0])
+        io_ids.append(model._encode(io, False)[0][0])
+        s_ids.append(model._encode(s, False)[0][0])
     io_ids, s_ids = torch.tensor(io_ids, device=model.device), torch.tensor(s_ids, device=model.device)
 
     def logit_diff(fwd_hooks=()) -> Tensor:  # [prompt]

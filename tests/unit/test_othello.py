@@ -1,0 +1,134 @@
+"""The Othello engine against hand-checked positions and against a plain one-game-at-a-time reference
+written here (lists of lists, no bit tricks) on thousands of random games."""
+
+import numpy as np
+import pytest
+
+from mechscope.organisms.othello import Games, legal, random_games, replay, squares, start, token_of
+from mechscope.organisms.othello.engine import flips
+
+DIRS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+
+
+# ---- the reference -----------------------------------------------------------------------------
+def ref_start(n):
+    b = [[0] * n for _ in range(n)]
+    c = n // 2
+    b[c - 1][c - 1] = b[c][c] = -1  # white on the main diagonal
+    b[c - 1][c] = b[c][c - 1] = 1  # black
+    return b
+
+
+def ref_flips(b, player, r, c):
+    n, out = len(b), []
+    if b[r][c] != 0:
+        return out
+    for dr, dc in DIRS:
+        run, rr, cc = [], r + dr, c + dc
+        while 0 <= rr < n and 0 <= cc < n and b[rr][cc] == -player:
+            run.append((rr, cc))
+            rr, cc = rr + dr, cc + dc
+        if run and 0 <= rr < n and 0 <= cc < n and b[rr][cc] == player:
+            out += run
+    return out
+
+
+def ref_legal(b, player):
+    n = len(b)
+    return sorted(r * n + c for r in range(n) for c in range(n) if ref_flips(b, player, r, c))
+
+
+def ref_replay(moves, n):
+    """(boards after each move, legal squares for the next move) of one game given as squares."""
+    b, player, boards, legals = ref_start(n), 1, [], []
+    for sq in moves:
+        if not ref_legal(b, player):
+            player = -player  # a forced pass
+        r, c = divmod(sq, n)
+        flipped = ref_flips(b, player, r, c)
+        assert flipped, "illegal move in the reference"
+        for rr, cc in flipped + [(r, c)]:
+            b[rr][cc] = player
+        player = -player
+        nxt = ref_legal(b, player) or ref_legal(b, -player)
+        boards.append([x for row in b for x in row])
+        legals.append(nxt)
+    return boards, legals
+
+
+# ---- hand-checked positions ----------------------------------------------------------------------
+def test_the_opening_moves_are_the_four_known_ones():
+    black, white = start(1, 8)
+    assert sorted(np.nonzero(np.unpackbits(legal(black, white, 8).view(np.uint8), bitorder="little"))[0]) == \
+        [19, 26, 37, 44]  # d3, c4, f5, e6
+    black, white = start(1, 6)
+    moves = int(legal(black, white, 6)[0])
+    assert sorted(s for s in range(36) if moves >> s & 1) == [8, 13, 22, 27]
+
+
+def test_a_move_flips_in_all_eight_directions():
+    n = 8
+    board = [[0] * n for _ in range(n)]
+    for dr, dc in DIRS:  # the move at (3, 3): an opponent disc next to it, an own disc beyond, each way
+        board[3 + dr][3 + dc] = -1
+        board[3 + 2 * dr][3 + 2 * dc] = 1
+    own = np.array([sum(1 << (r * n + c) for r in range(n) for c in range(n) if board[r][c] == 1)], dtype=np.uint64)
+    opp = np.array([sum(1 << (r * n + c) for r in range(n) for c in range(n) if board[r][c] == -1)], dtype=np.uint64)
+    assert int(legal(own, opp, n)[0]) >> 27 & 1
+    got = int(flips(own, opp, np.array([1 << 27], dtype=np.uint64), n)[0])
+    assert got == int(opp[0])  # all eight neighbours flip
+    edge = np.array([1 << 7], dtype=np.uint64)  # a run must not wrap from one row's end into the next
+    assert int(flips(np.array([1 << 14], dtype=np.uint64), np.array([1 << 8], dtype=np.uint64), edge, n)[0]) == 0
+
+
+def test_tokens_skip_the_centre_squares():
+    assert len(squares(6)) == 32 and len(squares(8)) == 60
+    assert squares(6)[0] == 0 and 14 not in squares(6) and 21 not in squares(6)
+    assert token_of(6)[squares(6)].tolist() == list(range(1, 33))
+
+
+# ---- against the reference ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [6, 8])
+def test_random_games_match_the_reference(size):
+    games = random_games(1500 if size == 6 else 300, size=size, seed=size)
+    rep = replay(games)
+    sq = squares(size)
+    passes = 0
+    for g in range(len(games)):
+        moves = [int(sq[t - 1]) for t in games.tokens[g] if t]
+        boards, legals = ref_replay(moves, size)
+        T = len(moves)
+        assert rep.board[g, :T].tolist() == boards
+        assert [sorted(np.nonzero(rep.legal[g, t])[0].tolist()) for t in range(T)] == legals
+        assert legals[-1] == []  # a game ends only when neither side can move
+        passes += sum(int(rep.mover[g, t] == rep.mover[g, t + 1]) for t in range(T - 1))
+    assert passes > 0  # forced passes happened and were followed
+
+
+def test_games_are_seeded_distinct_and_compact():
+    a, b = random_games(3000, seed=1), random_games(3000, seed=1)
+    assert np.array_equal(a.tokens, b.tokens) and a.tokens.dtype == np.uint8
+    assert len(np.unique(a.tokens, axis=0)) == 3000
+    assert not np.array_equal(a.tokens, random_games(3000, seed=2).tokens)
+    assert a.lengths.max() <= 32 and a.lengths.min() >= 9
+
+
+def test_labels_are_relative_to_the_player_to_move():
+    games = random_games(200, seed=3)
+    rep = replay(games)
+    rel = rep.relative()  # 0 empty, 1 mine, 2 theirs
+    live = rep.mover != 0
+    side = np.where(rep.to_move != 0, rep.to_move, -rep.mover)
+    black_to_move = live & (side == 1)
+    white_to_move = live & (side == -1)
+    assert (rel[black_to_move] == np.select([rep.board[black_to_move] == 1, rep.board[black_to_move] == -1],
+                                            [1, 2], 0)).all()
+    assert (rel[white_to_move] == np.select([rep.board[white_to_move] == -1, rep.board[white_to_move] == 1],
+                                            [1, 2], 0)).all()
+    assert (rel[~live] == -1).all()
+
+
+def test_an_illegal_game_is_refused():
+    bad = Games(np.array([[1, 1] + [0] * 30], dtype=np.uint8), 6)
+    with pytest.raises(ValueError, match="illegal"):
+        replay(bad)
