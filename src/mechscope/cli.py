@@ -14,9 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mechscope.organisms.othello.cli import othello_app
+
 app = typer.Typer(help="mechscope: mechanistic interpretability for Hugging Face causal LMs.", no_args_is_help=True)
 models_app = typer.Typer(help="The offline model zoo.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(othello_app, name="othello")
 console = Console()
 
 # Generated prompts: the patching engines hold the whole batch's logits at once, so a batch this

@@ -159,3 +159,30 @@ def test_positions_refuses_bad_heads_before_loading(tmp_path):
     done = runner.invoke(app, ["positions", "--model", "never-loaded", "--heads", str(tmp_path / "ioi.json"),
                                "--out", str(out)])
     assert done.exit_code == 1 and "no circuit.s_inhibition" in done.output
+
+
+def test_othello_commands_write_their_json(tmp_path):
+    import numpy as np
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from mechscope.organisms.othello.train import model_config
+
+    done = runner.invoke(app, ["othello", "games", "--n", "50", "--seed", "3", "--out", str(tmp_path / "g")])
+    assert done.exit_code == 0, done.output
+    tokens = np.load(tmp_path / "g" / "games.npy")
+    assert tokens.shape == (50, 32) and json.loads((tmp_path / "g" / "games.json").read_text())["seed"] == 3
+    done = runner.invoke(app, ["othello", "evaluate", "--n", "40", "--out", str(tmp_path / "e")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "e" / "evaluate.json").read_text())["top1_legal"] > 0.95  # the shipped model
+    torch.manual_seed(0)
+    GPT2LMHeadModel(model_config(6, d_model=32, n_layers=2, n_heads=4)).save_pretrained(tmp_path / "tiny")
+    done = runner.invoke(app, ["othello", "intervene", "--model", str(tmp_path / "tiny"), "--n", "40", "--cases", "5",
+                               "--out", str(tmp_path / "p")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "p" / "probe.json").read_text())["layers"] == ["embed", "0", "1"]
+    assert json.loads((tmp_path / "p" / "intervene.json").read_text())["n_cases"] == 5
+    again = runner.invoke(app, ["othello", "games", "--n", "50", "--out", str(tmp_path / "g")])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    bad = runner.invoke(app, ["othello", "train", "--games", str(tmp_path / "g" / "games.json"), "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "does not hold 6x6 games" in " ".join(bad.output.split())

@@ -132,3 +132,64 @@ def test_an_illegal_game_is_refused():
     bad = Games(np.array([[1, 1] + [0] * 30], dtype=np.uint8), 6)
     with pytest.raises(ValueError, match="illegal"):
         replay(bad)
+
+
+# ---- training, probes and interventions on a tiny model --------------------------------------------------
+def tiny_othello():
+    from transformers import GPT2LMHeadModel
+
+    from mechscope import HookedModel
+    from mechscope.organisms.othello.train import model_config
+
+    import torch
+
+    torch.manual_seed(0)
+    return HookedModel(GPT2LMHeadModel(model_config(6, d_model=32, n_layers=2, n_heads=4)).eval(), tokenizer=None)
+
+
+def test_a_few_steps_of_training_lower_the_loss_and_resume(tmp_path):
+    import json
+
+    from mechscope.organisms.othello.train import evaluate, model_config, train
+
+    games = random_games(400, seed=5)
+    config = model_config(6, d_model=32, n_layers=2, n_heads=4)
+    model = train(games, tmp_path, config=config, steps=200, batch_size=32, lr=3e-3, warmup=20, save_every=100)
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve[-1]["loss"] < curve[0]["loss"] - 0.15  # the mean of steps 1-100 against that of 101-200
+    # a uniform guess is legal about 14% of the time (4.5 legal moves of 32 on average)
+    assert evaluate(model, random_games(50, seed=6))["top1_legal"] > 0.3
+    again = train(games, tmp_path, config=config, steps=200, batch_size=32, save_every=100)  # nothing left to do
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert a.equal(b)
+
+
+def test_probes_and_interventions_run_on_a_tiny_model():
+    from mechscope.organisms.othello.probe import intervene, probe_layers
+
+    model, games = tiny_othello(), random_games(60, seed=7)
+    out, probes, acts = probe_layers(model, games)
+    assert out["layers"] == ["embed", "0", "1"] and len(out["mine_theirs_per_square"][0]) == 36
+    for key in ("mine_theirs", "black_white", "random_init_control"):
+        assert len(out[key]) == 3 and all(0 <= x <= 1 for x in out[key])
+    edits = intervene(model, random_games(30, seed=8), probes, games, acts, start=1, n=10)
+    assert edits["n_cases"] == 10 and 0 <= edits["intervention_success"] <= 1
+
+
+def test_the_shipped_model_is_what_its_metadata_says():
+    import hashlib
+    import json
+
+    from transformers import GPT2LMHeadModel
+
+    from mechscope.organisms.othello.probe import checkpoint
+    from mechscope.organisms.othello.train import evaluate
+
+    folder = checkpoint(6)
+    meta = json.loads((folder / "meta.json").read_text())
+    for name, digest in meta["sha256"].items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+    assert (folder / "model.safetensors").stat().st_size < 10 * 2**20
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()  # plain transformers loads it
+    games = random_games(300, seed=12345)  # fresh games; 300 of them pin the rate to about 1%
+    assert abs(evaluate(model, games)["top1_legal"] - meta["top1_legal"]) < 0.01

@@ -1,0 +1,172 @@
+"""`mechscope othello ...`: games, training, evaluation, probes and interventions, each writing JSON."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+othello_app = typer.Typer(help="Othello-GPT, a model organism: games, training, evaluation, probes, interventions.",
+                          no_args_is_help=True)
+
+Size = Annotated[int, typer.Option(help="Board size: 6 or 8.")]
+OutDir = Annotated[Path, typer.Option(help="Folder for the outputs (created).")]
+ModelDir = Annotated[Optional[Path], typer.Option("--model", help="A trained model's folder (default: the shipped one).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier run.")]
+
+
+def _outputs(out: Path, names: list[str], overwrite: bool) -> list[Path]:
+    from mechscope.cli import console
+    from mechscope.errors import OutputError
+    from mechscope.outputs import check_outputs
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder")
+    files = [out / n for n in names]
+    check_outputs(files if out.is_dir() else [out], overwrite=overwrite)
+    console.print("will write " + ", ".join(map(str, files)))
+    return files
+
+
+def _write(out: Path, files: dict) -> None:
+    from mechscope.outputs import write_files
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_files(files)
+
+
+def _model(folder: Path | None, size: int):
+    from transformers import GPT2LMHeadModel
+
+    from mechscope.models.hooked import HookedModel
+    from mechscope.organisms.othello.probe import checkpoint
+
+    return HookedModel(GPT2LMHeadModel.from_pretrained(folder or checkpoint(size)), tokenizer=None)
+
+
+@othello_app.command()
+def games(n: Annotated[int, typer.Option(help="How many distinct games.")] = 100_000, size: Size = 6,
+          seed: int = 0, out: OutDir = Path("othello-games"), overwrite: Overwrite = False) -> None:
+    """Random legal games (seeded, deduplicated): OUT/games.npy (uint8 tokens) and OUT/games.json."""
+    import io
+
+    import numpy as np
+
+    from mechscope.cli import _clear_errors, console
+    from mechscope.organisms.othello import random_games
+    from mechscope.result import write_json
+
+    with _clear_errors():
+        files = _outputs(out, ["games.npy", "games.json"], overwrite)
+        start = time.perf_counter()
+        g = random_games(n, size=size, seed=seed)
+        seconds = time.perf_counter() - start
+        buf = io.BytesIO()
+        np.save(buf, g.tokens)
+        info = {"n": n, "size": size, "seed": seed, "seconds": round(seconds, 2), "games_per_second": round(n / seconds),
+                "mean_length": float(g.lengths.mean())}
+        _write(out, {files[0]: buf.getvalue(), files[1]: write_json(info, indent=1)})
+    console.print(f"{n} games in {seconds:.1f} s ({n / seconds:,.0f} per second)")
+
+
+@othello_app.command()
+def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy from `othello games`.")],
+          size: Size = 6, steps: int = 16_000, batch_size: int = 512, lr: float = 1e-3, d_model: int = 128,
+          layers: int = 8, heads: int = 8, seed: int = 0, device: str = "cpu",
+          out: OutDir = Path("othello-model")) -> None:
+    """Train an Othello-GPT (resumes from OUT's last checkpoint): OUT/config.json, model.safetensors,
+    curve.json."""
+    import numpy as np
+
+    from mechscope.cli import _clear_errors, console
+    from mechscope.errors import InputError
+    from mechscope.organisms.othello import Games
+    from mechscope.organisms.othello.train import model_config, train as run
+
+    with _clear_errors():
+        if not games_file.is_file():
+            raise InputError(f"--games {games_file} is not a file; make one with `mechscope othello games`")
+        try:
+            tokens = np.load(games_file)  # no pickles: allow_pickle stays False
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(f"{games_file} does not hold {size}x{size} games: it is not a .npy array ({err})") from None
+        if tokens.dtype != np.uint8 or tokens.ndim != 2 or tokens.shape[1] != size * size - 4:
+            raise InputError(f"{games_file} does not hold {size}x{size} games (uint8 [game, {size * size - 4}])")
+        config = model_config(size, d_model=d_model, n_layers=layers, n_heads=heads)
+        run(Games(tokens, size), out, config=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+            device=device, progress=True, log=console.print)
+    console.print(f"trained to step {steps}: {out}")
+
+
+@othello_app.command()
+def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 777, out: OutDir = Path("othello-eval"),
+             overwrite: Overwrite = False) -> None:
+    """Top-1 legal-move rate and legal-set error on fresh games: OUT/evaluate.json."""
+    from mechscope.cli import _clear_errors, console
+    from mechscope.organisms.othello import random_games
+    from mechscope.organisms.othello.train import evaluate as run
+    from mechscope.result import write_json
+
+    with _clear_errors():
+        files = _outputs(out, ["evaluate.json"], overwrite)
+        result = {"n_games": n, "seed": seed, **run(_model(model, size).hf, random_games(n, size=size, seed=seed))}
+        _write(out, {files[0]: write_json(result, indent=1)})
+    console.print(f"top-1 legal {result['top1_legal']:.2%}, legal-set error {result['legal_set_error']:.2%}")
+
+
+def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, names):
+    """Board probes on n games (seed), then `cases` interventions on other games; writes `names`."""
+    from mechscope.cli import _clear_errors, console
+    from mechscope.organisms.othello import random_games
+    from mechscope.organisms.othello.probe import intervene, probe_layers
+    from mechscope.result import write_json
+
+    with _clear_errors():
+        files = _outputs(out, names, overwrite)
+        m = _model(model, size)
+        t0 = time.perf_counter()
+        probe_games = random_games(n, size=size, seed=seed)
+        result, probes, acts = probe_layers(m, probe_games, seed=seed, log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        first = m.cfg.n_layers // 2 if start is None else start
+        edits = {}
+        if cases:
+            t0 = time.perf_counter()
+            edits = intervene(m, random_games(cases * 3, size=size, seed=seed + 1), probes, probe_games, acts,
+                              start=first, n=cases, seed=seed)
+            edits["seconds"] = round(time.perf_counter() - t0, 1)
+        acts.close()
+        data = {"probe.json": result, "intervene.json": edits}
+        _write(out, {f: write_json(data[f.name], indent=1) for f in files})
+    best = result["layers"].index(result["best_layer"])
+    console.print(f"best layer {result['best_layer']}: mine/theirs {result['mine_theirs'][best]:.3f}, black/white "
+                  f"{result['black_white'][best]:.3f}, random init {result['random_init_control'][best]:.3f}")
+    if edits:
+        console.print(f"interventions from layer {first} on {edits['n_cases']} positions: "
+                      f"{edits['intervention_success']:.1%} exact legal sets; no edit {edits['none_success']:.1%}; "
+                      f"random direction {edits['random_success']:.1%}")
+
+
+Games_ = Annotated[int, typer.Option("--n", help="Games whose positions train the probes.")]
+Start = Annotated[Optional[int], typer.Option(help="First layer edited (default: the middle one).")]
+
+
+@othello_app.command()
+def probe(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed: int = 1001,
+          intervene: Annotated[int, typer.Option(help="Also run this many interventions (0: none).")] = 0,
+          start: Start = None, out: OutDir = Path("othello-probe"), overwrite: Overwrite = False) -> None:
+    """Board probes at every layer: mine/theirs, black/white and the random-init control; OUT/probe.json
+    (and OUT/intervene.json with --intervene N)."""
+    names = ["probe.json"] + (["intervene.json"] if intervene else [])
+    _probe_and_intervene(model, size, n, seed, intervene, start, out, overwrite, names)
+
+
+@othello_app.command("intervene")
+def intervene_cmd(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed: int = 1001,
+                  cases: Annotated[int, typer.Option(help="Positions edited.")] = 200, start: Start = None,
+                  out: OutDir = Path("othello-intervene"), overwrite: Overwrite = False) -> None:
+    """Flip one square's state through the probes' directions and compare the model's legal moves with
+    the edited board's, against no edit and a random direction: OUT/intervene.json (and probe.json)."""
+    _probe_and_intervene(model, size, n, seed, max(cases, 1), start, out, overwrite, ["probe.json", "intervene.json"])
