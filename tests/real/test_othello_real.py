@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad")]
 def test_the_shipped_model_reads_and_writes_its_board():
     model = load(6)
     assert evaluate(model.hf, random_games(500, seed=777))["top1_legal"] >= 0.99
-    games = random_games(500, seed=1001)  # a sixth of the CLI's default: accuracies within about 0.01
+    games = random_games(300, seed=1001)  # a tenth of the CLI's default: accuracies within about 0.015
     out, probes, acts = probe_layers(model, games)
     best = out["layers"].index(out["best_layer"])
     # measured with 3000 games: mine/theirs 0.938 at layer 5, black/white 0.763, random init 0.700
