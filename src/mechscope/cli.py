@@ -25,6 +25,7 @@ console = Console()
 # Generated prompts: the patching engines hold the whole batch's logits at once, so a batch this
 # large already needs gigabytes (HookedModel refuses one that cannot fit in memory).
 MAX_PROMPTS = 5000
+MAX_GAMES = 10_000_000  # Othello games: 32 bytes each, so 320 MB at most
 
 # Options shared by the commands that patch or attribute.
 ModelSpec = Annotated[str, typer.Option(help="Model spec: zoo alias, directory, .gguf or hub id.")]
@@ -214,33 +215,43 @@ def ioi_study(
     console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
 
 
-def _study_outputs(out: Path, json_name: str, overwrite: bool) -> list[Path]:
-    """A study writes OUT/<json_name> and OUT/report.html; checked before any work, and said."""
+def folder_outputs(out: Path, names: list[str], overwrite: bool) -> list[Path]:
+    """A command that writes OUT/<name> for each name: checked before any work, and said."""
     from mechscope.errors import OutputError
     from mechscope.outputs import check_outputs
 
+    files = [out / name for name in names]
     if os.path.lexists(out) and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder; give a folder for {json_name} and report.html")
-    files = [out / json_name, out / "report.html"]
+        raise OutputError(f"--out {out} exists and is not a folder; give a folder for {', '.join(names)}")
     check_outputs(files if out.is_dir() else [out], overwrite=overwrite)  # OUT's folder must be writable
-    console.print(f"will write {files[0]} and {files[1]}")
+    console.print("will write " + " and ".join(map(str, files)))
     return files
 
 
-def _write_study(out: Path, files: list[Path], result: dict) -> None:
-    """Both files or neither; OUT is created only now, and removed again if writing fails."""
+def write_folder(out: Path, files: dict[Path, str | bytes]) -> None:
+    """All files or none; OUT is created only now, and removed again if writing fails."""
     from mechscope.outputs import write_files
-    from mechscope.report import render
-    from mechscope.result import write_json
 
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
-        write_files({files[0]: write_json(result, indent=1), files[1]: render(result)})
+        write_files(files)
     except BaseException:
         if created:
             out.rmdir()  # a failed run leaves nothing behind
         raise
+
+
+def _study_outputs(out: Path, json_name: str, overwrite: bool) -> list[Path]:
+    """A study writes OUT/<json_name> and OUT/report.html."""
+    return folder_outputs(out, [json_name, "report.html"], overwrite)
+
+
+def _write_study(out: Path, files: list[Path], result: dict) -> None:
+    from mechscope.report import render
+    from mechscope.result import write_json
+
+    write_folder(out, {files[0]: write_json(result, indent=1), files[1]: render(result)})
 
 
 @app.command("positions")

@@ -186,3 +186,11 @@ def test_othello_commands_write_their_json(tmp_path):
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = runner.invoke(app, ["othello", "train", "--games", str(tmp_path / "g" / "games.json"), "--out", str(tmp_path / "t")])
     assert bad.exit_code == 1 and "does not hold 6x6 games" in " ".join(bad.output.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["othello", "games", "--n", "0"], "--n must be between 1"), (["othello", "games", "--size", "7"], "--size is 6 or 8"),
+    (["othello", "evaluate", "--n", "0"], "--n must be between 1"), (["othello", "probe", "--n", "1"], "at least 2 games")])
+def test_othello_refuses_bad_requests_before_work(tmp_path, args, message):
+    done = runner.invoke(app, args + ["--out", str(tmp_path / "o")])
+    assert done.exit_code == 1 and message in " ".join(done.output.split()) and not (tmp_path / "o").exists()

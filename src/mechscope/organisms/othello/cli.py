@@ -17,24 +17,22 @@ ModelDir = Annotated[Optional[Path], typer.Option("--model", help="A trained mod
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier run.")]
 
 
-def _outputs(out: Path, names: list[str], overwrite: bool) -> list[Path]:
-    from mechscope.cli import console
-    from mechscope.errors import OutputError
-    from mechscope.outputs import check_outputs
+def _outputs(out: Path, names: list[str], overwrite: bool, *, n: int, size: int) -> list[Path]:
+    """Check the request (before any work) and the outputs."""
+    from mechscope.cli import MAX_GAMES, folder_outputs
+    from mechscope.errors import InputError
 
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} exists and is not a folder")
-    files = [out / n for n in names]
-    check_outputs(files if out.is_dir() else [out], overwrite=overwrite)
-    console.print("will write " + ", ".join(map(str, files)))
-    return files
+    if size not in (6, 8):
+        raise InputError(f"--size is 6 or 8, not {size}")
+    if not 1 <= n <= MAX_GAMES:
+        raise InputError(f"--n must be between 1 and {MAX_GAMES:,} games, not {n}")
+    return folder_outputs(out, names, overwrite)
 
 
 def _write(out: Path, files: dict) -> None:
-    from mechscope.outputs import write_files
+    from mechscope.cli import write_folder
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_files(files)
+    write_folder(out, files)
 
 
 def _model(folder: Path | None, size: int):
@@ -59,7 +57,7 @@ def games(n: Annotated[int, typer.Option(help="How many distinct games.")] = 100
     from mechscope.result import write_json
 
     with _clear_errors():
-        files = _outputs(out, ["games.npy", "games.json"], overwrite)
+        files = _outputs(out, ["games.npy", "games.json"], overwrite, n=n, size=size)
         start = time.perf_counter()
         g = random_games(n, size=size, seed=seed)
         seconds = time.perf_counter() - start
@@ -110,7 +108,7 @@ def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 
     from mechscope.result import write_json
 
     with _clear_errors():
-        files = _outputs(out, ["evaluate.json"], overwrite)
+        files = _outputs(out, ["evaluate.json"], overwrite, n=n, size=size)
         result = {"n_games": n, "seed": seed, **run(_model(model, size).hf, random_games(n, size=size, seed=seed))}
         _write(out, {files[0]: write_json(result, indent=1)})
     console.print(f"top-1 legal {result['top1_legal']:.2%}, legal-set error {result['legal_set_error']:.2%}")
@@ -119,12 +117,15 @@ def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 
 def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, names):
     """Board probes on n games (seed), then `cases` interventions on other games; writes `names`."""
     from mechscope.cli import _clear_errors, console
+    from mechscope.errors import InputError
     from mechscope.organisms.othello import random_games
     from mechscope.organisms.othello.probe import intervene, probe_layers
     from mechscope.result import write_json
 
     with _clear_errors():
-        files = _outputs(out, names, overwrite)
+        if n < 2:
+            raise InputError(f"--n must be at least 2 games: the probes hold some out, not {n}")
+        files = _outputs(out, names, overwrite, n=n, size=size)
         m = _model(model, size)
         t0 = time.perf_counter()
         probe_games = random_games(n, size=size, seed=seed)
