@@ -119,12 +119,13 @@ def cross_template(model: HookedModel, heads: Sequence, n: int, seed: int) -> di
         io_ids.append(model._encode(io, False)[0][0])
         s_ids.append(model._encode(s, False)[0][0])
     io_ids, s_ids = torch.tensor(io_ids, device=model.device), torch.tensor(s_ids, device=model.device)
+    tokens, end = model.to_tokens(targets), model.last_positions(targets)  # [prompt, pos], [prompt]
+    rows = torch.arange(n, device=model.device)
 
     def logit_diff(fwd_hooks=()) -> Tensor:  # [prompt]
-        tokens, end = model.to_tokens(targets), model.last_positions(targets)
         with torch.no_grad():
             logits = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
-        at = logits[torch.arange(n), end]  # [prompt, d_vocab]
+        at = logits[rows, end]  # [prompt, d_vocab]
         return (at.gather(1, io_ids[:, None]) - at.gather(1, s_ids[:, None]))[:, 0].double().cpu()
 
     def patched_from(sources: list[str]) -> Tensor:
@@ -133,8 +134,6 @@ def cross_template(model: HookedModel, heads: Sequence, n: int, seed: int) -> di
         src_end = model.last_positions(sources)
         with torch.no_grad():
             _, cache = model.run_with_cache(model.to_tokens(sources), names_filter=names)
-        end = model.last_positions(targets)
-        rows = torch.arange(n, device=model.device)
 
         def hook_for(layer: int):
             chosen = [h for l, h in heads if l == layer]
