@@ -64,6 +64,7 @@ class Adapter:
     attn: ClassVar[str]
     out_proj: ClassVar[str]  # attention output projection; its input is hook_z
     down_proj: ClassVar[str]  # MLP output projection; its input is mlp.hook_post
+    attn_norm: ClassVar[str]  # the norm before attention; its input is resid_pre
     mlp_norm: ClassVar[str | None]  # the norm before the MLP; its input is resid_mid
     attn_post_norm: ClassVar[str | None] = None  # Gemma's norm between attention and the add
     attn_out: ClassVar[Place]  # what attention adds to the residual stream
@@ -77,6 +78,12 @@ class Adapter:
     def qkv(self) -> dict[str, Place]:
         """Places of `q`, `k`, `v` as [batch, pos, head, d_head] (k, v per key/value head)."""
         raise NotImplementedError
+
+    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
+        """For edge discovery: where q, k, v are an affine function of the attention norm's output
+        (the projection, read per head), and the module applied after it per head (Gemma's q/k
+        norms), or None. By default the hook sites themselves."""
+        return {name: (place, None) for name, place in self.qkv().items()}
 
     def parallel_residual(self) -> bool:
         return False

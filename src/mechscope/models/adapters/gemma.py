@@ -30,3 +30,9 @@ class Gemma3Adapter(LlamaAdapter):
             "k": Place("self_attn.k_norm", TRANSPOSED),
             "v": Place("self_attn.v_proj", heads(self.cfg.d_head)),
         }
+
+    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
+        d = self.cfg.d_head
+        return {"q": (Place("self_attn.q_proj", heads(d)), "self_attn.q_norm"),
+                "k": (Place("self_attn.k_proj", heads(d)), "self_attn.k_norm"),
+                "v": (Place("self_attn.v_proj", heads(d)), None)}

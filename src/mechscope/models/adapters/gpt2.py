@@ -16,6 +16,7 @@ class GPT2Adapter(Adapter):
 
     attn = "attn"
     out_proj = "attn.c_proj"
+    attn_norm = "ln_1"
     down_proj = "mlp.c_proj"
     mlp_norm = "ln_2"
     attn_out = Place("attn", FIRST)

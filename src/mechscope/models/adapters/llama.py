@@ -15,6 +15,7 @@ class LlamaAdapter(Adapter):
 
     attn = "self_attn"
     out_proj = "self_attn.o_proj"
+    attn_norm = "input_layernorm"
     down_proj = "mlp.down_proj"
     mlp_norm = "post_attention_layernorm"
     attn_out = Place("self_attn", FIRST)

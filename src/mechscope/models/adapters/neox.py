@@ -15,6 +15,7 @@ class NeoXAdapter(Adapter):
 
     attn = "attention"
     out_proj = "attention.dense"
+    attn_norm = "input_layernorm"
     down_proj = "mlp.dense_4h_to_h"
     mlp_norm = "post_attention_layernorm"
     attn_out = Place("post_attention_dropout", OUT)

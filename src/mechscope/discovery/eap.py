@@ -1,0 +1,166 @@
+"""Edge attribution patching: EAP (Syed, Rager, Conmy 2023) and EAP-IG (Hanna, Pezzelle, Belinkov 2024).
+
+The effect of ablating an edge w -> r is estimated to first order as
+
+    score(w -> r) = (w's ablated output - w's clean output) . d metric / d (r's input)
+
+summed over prompts and positions (the metric is the mean over prompts), for every edge from one
+recorded ablated run and one forward and backward pass:
+1. the clean and ablated writer outputs come from the `EdgePatcher`'s recording;
+2. one forward from the embeddings (interpolated, for EAP-IG) keeps each layer's input, and one
+   backward keeps the gradient at every head's q, k and v, every MLP's input and the final norm's
+   input;
+3. a head's gradient is carried back to its own input through its slice of the projection and the
+   norm's Jacobian (a vector-Jacobian product of `HeadInputs.value`, for all heads of a layer at
+   once); no forward with split inputs is needed;
+4. the scores of a layer's readers are one product of [writer, batch*pos*d] differences with
+   [reader, batch*pos*d] gradients, so no [reader, writer, ...] buffer is ever formed.
+
+EAP-IG averages the gradients over `steps` points between the ablated and the clean run,
+alpha = 1/steps, 2/steps, .., 1 (one step is EAP): method "eap-ig" interpolates the input
+embeddings, "eap-ig-activations" every writer's output.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from mechscope.discovery.edges import EdgePatcher
+from mechscope.metrics import Metric, at_positions, widen
+
+
+def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interpolate: str = "inputs") -> Tensor:
+    """Scores [n_edges] (float64 accumulation of the model's dtype), the mean over `steps` points."""
+    g = patcher.graph
+    wide = torch.promote_types(patcher.model.dtype, torch.float32)
+    per_atom = torch.zeros(len(g.writers), len(patcher.atoms), dtype=wide)  # [writer, atom]
+    minus = -patcher.delta.flatten(1)  # [writer, batch*pos*d]: ablated - clean
+    for step in range(1, steps + 1):
+        alpha = step / steps
+        for atoms, grads in _reader_grads(patcher, fn, alpha, interpolate):
+            per_atom[:, atoms] += (minus @ grads.flatten(1).T).to(wide)  # [writer, atom]
+    per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
+    return per_reader[g.edges[:, 0], g.edges[:, 1]] / steps  # [n_edges]
+
+
+def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: str):
+    """One forward and backward at interpolation point alpha; yields (atom indices, gradients
+    [atom, batch, pos, d_model]) layer by layer."""
+    model, batch, cfg = patcher.model, patcher.batch, patcher.model.cfg
+    rec = _Recorder(patcher)
+    with torch.enable_grad(), rec.hooks(alpha if interpolate == "activations" else None):
+        start = patcher.inputs.resid[0]  # [batch, pos, d_model]: the clean run's embeddings
+        w0 = patcher.graph.writer_index["input"]
+        hidden = patcher.ablated_out[w0] + alpha * (start - patcher.ablated_out[w0])  # [batch, pos, d_model]
+        hidden = hidden.detach().requires_grad_(True)
+        out = patcher.inputs.run_layers(hidden, 0, cfg.n_layers, 1)  # [batch, pos, d_model]
+        final = at_positions(out, batch.read_pos)  # [batch, d_model]
+        value = widen(fn(model.logits_from_resid(final), batch)).mean()
+        g_final, _ = torch.autograd.grad(value, [final, hidden])  # through every reader to the embeddings
+    for l in range(cfg.n_layers):
+        for kind in "qkv":
+            items = rec.atoms.get((kind, l))
+            if items:
+                atoms, heads = [a for a, _ in items], [h for _, h in items]
+                yield atoms, _through_head_inputs(patcher, l, kind, heads, rec.x[l], rec.grads[(kind, l)][:, :, heads])
+        if ("mlp", l) in rec.atoms:
+            yield [rec.atoms[("mlp", l)][0][0]], rec.grads[("mlp", l)][None]
+    if ("logits", cfg.n_layers) in rec.atoms:
+        full = torch.zeros_like(patcher.inputs.resid[0])  # [batch, pos, d_model]: only read positions matter
+        full[torch.arange(len(batch)), batch.read_pos] = g_final.to(full.dtype)
+        yield [rec.atoms[("logits", cfg.n_layers)][0][0]], full[None]
+
+
+def _through_head_inputs(patcher, layer, kind, heads, x, grad_out) -> Tensor:
+    """d metric / d (each head's own input): the vector-Jacobian product of the per-head projection.
+
+    x [batch, pos, d_model]; grad_out [batch, pos, n, d_head] -> [n, batch, pos, d_model]."""
+    with torch.enable_grad():
+        xs = x.detach()[:, :, None, :].expand(*x.shape[:2], len(heads), x.shape[-1]).clone().requires_grad_(True)
+        y = patcher.heads.value(layer, kind, heads, xs)  # [batch, pos, n, d_head]
+        g, = torch.autograd.grad(y, xs, grad_out.to(y.dtype))
+    return g.permute(2, 0, 1, 3)  # [n, batch, pos, d_model]
+
+
+class _Recorder:
+    """The hooks of one gradient pass: inputs to each layer, gradients at every reader."""
+
+    def __init__(self, patcher: EdgePatcher):
+        self.p = patcher
+        self.x: dict[int, Tensor] = {}
+        self.grads: dict[tuple[str, int], Tensor] = {}
+        self.atoms: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
+        for a, ((kind, layer, head), _) in enumerate(patcher.atoms):
+            self.atoms.setdefault((kind, layer), []).append((a, head))
+
+    @contextmanager
+    def hooks(self, alpha: float | None):
+        p, model = self.p, self.p.model
+        fwd, bwd, handles, seen = [], [], [], set()
+        for (kind, l) in self.atoms:
+            if kind in "qkv":
+                if l not in seen:
+                    seen.add(l)
+                    fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
+                bwd.append((f"blocks.{l}.attn.hook_{kind}", self._keep_grad(kind, l)))
+            elif kind == "mlp":
+                norm = model.adapter.module(model.adapter.mlp_norm, l)
+                handles.append(norm.register_forward_pre_hook(self._tap_mlp(l)))
+        self.alpha = alpha
+        if alpha is not None:  # eap-ig-activations: every writer's output interpolated
+            fwd += self._interpolations(alpha)
+        try:
+            with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _keep_x(self, layer):
+        def hook(act, _):
+            self.x[layer] = act.detach()
+        return hook
+
+    def _keep_grad(self, kind, layer):
+        def hook(grad, _):
+            self.grads[(kind, layer)] = grad.detach()
+        return hook
+
+    def _tap_mlp(self, layer):
+        def hook(module, args):
+            x = args[0].view_as(args[0])  # a node of its own: its gradient is the MLP path's only
+            x.register_hook(lambda g: self.grads.__setitem__(("mlp", layer), g.detach()))
+            return (x, *args[1:])
+        return hook
+
+    def _interpolations(self, alpha: float) -> list:
+        p = self.p
+        heads: dict[int, list[tuple[int, int]]] = {}
+        out = []
+        for w, writer in enumerate(p.graph.writers):
+            if writer.kind == "head":
+                heads.setdefault(writer.layer, []).append((w, writer.head))
+            elif writer.kind == "mlp":
+                out.append((f"blocks.{writer.layer}.hook_mlp_out", self._mix([w], None)))
+        out += [(f"blocks.{l}.attn.hook_result", self._mix([w for w, _ in ws], [h for _, h in ws]))
+                for l, ws in heads.items()]
+        return out
+
+    def _mix(self, writers: list[int], heads: list[int] | None):
+        p = self.p
+        ablated, clean = p.ablated_out[writers], p.clean_out[writers]  # [w, batch, pos, d_model]
+
+        def hook(act, _):
+            # The interpolated value, with the gradient of the computed one (straight through): the
+            # gradient still reaches this writer's own inputs.
+            value = ablated + self.alpha * (clean - ablated)  # [w, batch, pos, d_model]
+            if heads is None:
+                return act + (value[0].to(act.dtype) - act).detach()
+            idx = torch.tensor(heads, device=act.device)
+            target = act.detach().clone()
+            target[:, :, idx] = value.permute(1, 2, 0, 3).to(act.dtype)  # [batch, pos, head, d_model]
+            return act + (target - act).detach()
+        return hook

@@ -1,0 +1,286 @@
+"""Edge patching: run the model with any set of edges ablated, many edge masks as one batch.
+
+An ablated edge w -> r means that the reader r reads w's ablated output (on the corrupt prompts, its
+mean over them, or zero) instead of w's current one; everything else is computed as usual. So
+
+    input of r = residual stream - sum over ablated w -> r of (w's current output - w's ablated output)
+
+through r's own copy of its norm (a head's q, k or v: `readers.HeadInputs`; an MLP: its norm's
+input; the logits: the final norm's input). "Current" is w's output in this very run: with one edge
+ablated it is w's clean output; in a circuit, a writer whose own inputs were ablated passes on what
+it now computes (as ACDC and AutoCircuit define it). With every edge ablated each reader reads the
+ablated run's input, so the run is the ablated run; with none, hooks change nothing and it is the
+clean run, bit for bit.
+
+The steps of `EdgePatcher.run(masks)` (masks [k, n_edges], one row per variant, 1 = ablated):
+1. record once the clean run (writers' outputs, each layer's inputs) and the ablated writer outputs;
+2. resume at the first layer any ablated edge reads (layers before see no change), the k variants
+   stacked along the batch (variant-major), chunked by a memory budget;
+3. as writers run, keep (current - ablated) for those with ablated edges; writers before the resumed
+   layer keep their clean difference;
+4. at each reader with ablated edges, subtract the masked sum of those differences and recompute
+   (only rows where that reader has an ablated edge take the new value, so untouched readers stay
+   exact);
+5. unembed only each prompt's read position: logits [k, batch, d_vocab].
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from mechscope.discovery.graph import Graph
+from mechscope.discovery.readers import HeadInputs
+from mechscope.errors import InputError
+from mechscope.metrics import at_positions
+from mechscope.models.hooked import HookedModel
+from mechscope.patching.resume import LayerInputs
+from mechscope.tasks.batch import ContrastiveBatch
+
+ABLATIONS = ("corrupt", "mean", "zero")
+
+
+def check_ablation(ablation: str) -> None:
+    if ablation not in ABLATIONS:
+        raise InputError(f"unknown ablation {ablation!r}; use one of {', '.join(ABLATIONS)}")
+
+
+class EdgePatcher:
+    """The clean and ablated runs of one batch, recorded once; `run(masks)` patches edges on them."""
+
+    def __init__(self, model: HookedModel, graph: Graph, batch: ContrastiveBatch, *, ablation: str = "corrupt",
+                 memory_mb: int = 2048):
+        check_ablation(ablation)
+        if graph.spec.n_layers != model.cfg.n_layers or graph.spec.n_heads != model.cfg.n_heads:
+            raise InputError("this graph was built for another model; use Graph.from_model(model)")
+        self.model, self.graph, self.batch, self.ablation = model, graph, batch, ablation
+        self.memory_mb = memory_mb
+        self.heads = HeadInputs(model)
+        self.n_layers = model.cfg.n_layers
+        # atoms: the separate inputs a reader stands for; atom_reader[a] is the reader it belongs to
+        self.atoms = [(part, ri) for ri, r in enumerate(graph.readers) for part in r.parts]
+        self.atom_reader = torch.tensor([ri for _, ri in self.atoms])
+        self.inputs = LayerInputs(model, len(batch))
+        with torch.no_grad():
+            with self.inputs.recording():
+                clean, self.clean_final = self.writer_outputs(batch.clean)  # [writer, batch, pos, d_model]
+            if ablation == "corrupt":
+                ablated, self.ablated_final = self.writer_outputs(batch.corrupt)
+            else:
+                ablated = _mean_over_prompts(self.writer_outputs(batch.corrupt)[0], batch.read_pos) \
+                    if ablation == "mean" else torch.zeros_like(clean)
+                self.ablated_final = None  # known only by running with every edge ablated
+        self.clean_out, self.ablated_out = clean, ablated
+        self.delta = clean - ablated  # [writer, batch, pos, d_model]: what ablating each writer takes away
+
+    # ---- recording ----------------------------------------------------------------------------
+    def writer_outputs(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Every writer's output on `tokens`, [writer, batch, pos, d_model], and the final residual
+        stream at the read positions, [batch, d_model]."""
+        store: dict[str, Tensor] = {}
+
+        def keep(act, hook):
+            store[hook.name] = act
+
+        names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{s}" for l in self._writer_layers()
+                                               for s in ("attn.hook_result", "hook_mlp_out")]
+        final = self.model.adapter.module(self.model.adapter.final_norm)
+        seen = {}
+        handle = final.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+        try:
+            with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
+                self.model.hf(input_ids=tokens, use_cache=False)
+        finally:
+            handle.remove()
+        out = []
+        for w in self.graph.writers:
+            if w.kind == "input":
+                out.append(store["blocks.0.hook_resid_pre"])
+            elif w.kind == "head":
+                out.append(store[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head])
+            else:
+                out.append(store[f"blocks.{w.layer}.hook_mlp_out"])
+        return torch.stack(out), at_positions(seen["x"], self.batch.read_pos)
+
+    def _writer_layers(self) -> list[int]:
+        return sorted({w.layer for w in self.graph.writers if w.kind != "input"})
+
+    # ---- masks ----------------------------------------------------------------------------------
+    def atom_mask(self, masks: Tensor) -> Tensor:
+        """Edge masks [k, n_edges] -> [k, writer, atom] (in the model's dtype; gradients pass)."""
+        g = self.graph
+        masks = masks.to(self.model.dtype)  # differentiable for a float mask
+        wr = masks.new_zeros(masks.shape[0], len(g.writers), len(g.readers))
+        wr = _scatter(wr, g.edges, masks)
+        return wr[:, :, self.atom_reader]  # [k, writer, atom]
+
+    def variants_per_chunk(self) -> int:
+        b, p = self.batch.clean.shape
+        d = self.model.cfg.d_model
+        row = b * p * d * self.model.dtype.itemsize * (len(self.graph.writers) + 4 * self.model.cfg.n_heads + 16)
+        return max(1, int(self.memory_mb * 2**20 // row))
+
+    # ---- the patched run ------------------------------------------------------------------------
+    def run(self, masks: Tensor) -> Tensor:
+        """Read-position logits [k, batch, d_vocab] with the edges where masks [k, n_edges] is nonzero
+        ablated (a float mask m ablates a fraction m; gradients flow to a float mask)."""
+        if masks.ndim != 2 or masks.shape[1] != self.graph.n_edges:
+            raise InputError(f"edge masks must be [variants, {self.graph.n_edges}], not {tuple(masks.shape)}")
+        step = self.variants_per_chunk()
+        return torch.cat([self._run(masks[i:i + step]) for i in range(0, masks.shape[0], step)])
+
+    def _run(self, masks: Tensor) -> Tensor:
+        k, b = masks.shape[0], len(self.batch)
+        coef = self.atom_mask(masks)  # [k, writer, atom]
+        grad = coef.requires_grad
+        touched = coef.ne(0).any(1)  # [k, atom]: rows where the atom has an ablated edge
+        if grad:
+            touched = torch.ones_like(touched)
+        live_atoms = touched.any(0)  # [atom]
+        live_writers = coef.ne(0).any(2).any(0) | grad  # [writer]
+        layers = [part[1] for (part, _), live in zip(self.atoms, live_atoms.tolist()) if live]
+        start = min(min(layers, default=self.n_layers), self.n_layers - 1)
+        state = _RunState(self, coef, touched, k, start, live_writers)
+        hidden = self.inputs.resid[start].repeat(k, 1, 1)  # [k * batch, pos, d_model]
+        with state.hooks(live_atoms):
+            hidden = self.inputs.run_layers(hidden, start, self.n_layers, k)  # [k * batch, pos, d_model]
+        final = at_positions(hidden.view(k, b, *hidden.shape[1:]), self.batch.read_pos)  # [k, batch, d_model]
+        logit_atoms = [a for a, ((kind, _, _), _) in enumerate(self.atoms) if kind == "logits" and live_atoms[a]]
+        if logit_atoms:
+            a = logit_atoms[0]
+            corr = state.correction([a])  # [k, batch, pos, 1, d_model]
+            corr = at_positions(corr[:, :, :, 0], self.batch.read_pos)  # [k, batch, d_model]
+            final = torch.where(touched[:, a, None, None], final - corr, final)
+        return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
+
+
+def _scatter(wr: Tensor, edges: Tensor, masks: Tensor) -> Tensor:
+    """wr[:, edges[e, 0], edges[e, 1]] = masks[:, e], differentiably."""
+    k, n_w, n_r = wr.shape
+    flat = edges[:, 0] * n_r + edges[:, 1]  # [n_edges]
+    return wr.view(k, -1).index_add(1, flat.to(masks.device), masks).view(k, n_w, n_r)
+
+
+def _mean_over_prompts(out: Tensor, read_pos: Tensor) -> Tensor:
+    """Each writer's output averaged over prompts, position by position (a prompt counts at the
+    positions up to its read position; padding never does), broadcast back to [writer, batch, pos, d]."""
+    pos = torch.arange(out.shape[2], device=out.device)
+    real = (pos[None, :] <= read_pos[:, None].to(out.device)).to(out.dtype)  # [batch, pos]
+    total = (out * real[None, :, :, None]).sum(1)  # [writer, pos, d_model]
+    mean = total / real.sum(0).clamp(min=1)[None, :, None]
+    return mean[:, None].expand_as(out).clone()
+
+
+class _RunState:
+    """The hooks of one patched run and the (current - ablated) differences they collect."""
+
+    def __init__(self, patcher: EdgePatcher, coef: Tensor, touched: Tensor, k: int, start: int, live_writers: Tensor):
+        self.p, self.coef, self.touched, self.k, self.start = patcher, coef, touched, k, start
+        self.live_writers = live_writers
+        g = patcher.graph
+        self.delta: dict[int, Tensor] = {}  # writer -> [k, batch, pos, d_model] or [batch, pos, d_model] (clean)
+        for w, writer in enumerate(g.writers):
+            if live_writers[w] and (writer.kind == "input" or writer.layer < start):
+                self.delta[w] = patcher.delta[w]
+        self.x_attn: dict[int, Tensor] = {}
+        self.head_writers = {}  # layer -> [(writer index, head)]
+        self.mlp_writer = {}
+        for w, writer in enumerate(g.writers):
+            if writer.kind == "head":
+                self.head_writers.setdefault(writer.layer, []).append((w, writer.head))
+            elif writer.kind == "mlp":
+                self.mlp_writer[writer.layer] = w
+
+    def correction(self, atoms: list[int]) -> Tensor:
+        """sum over writers of coef[k, w, a] * (current - ablated)_w: [k, batch, pos, len(atoms), d_model]."""
+        sub = self.coef[:, :, atoms]  # [k, writer, atom]
+        ws = [w for w in sub.ne(0).any(2).any(0).nonzero().flatten().tolist()] if not sub.requires_grad else \
+            [w for w in range(sub.shape[1]) if w in self.delta]
+        missing = [w for w in ws if w not in self.delta]
+        if missing:  # an edge's writer always runs before its reader
+            raise RuntimeError(f"writers {missing} have no recorded output before their readers")
+        b, pos, d = self.p.delta.shape[1:]
+        if not ws:
+            return sub.new_zeros(self.k, b, pos, len(atoms), d)
+        deltas = torch.stack([self.delta[w].expand(self.k, b, pos, d) for w in ws])  # [w, k, batch, pos, d_model]
+        return torch.einsum("kwa,wkbpd->kbpad", sub[:, ws], deltas)
+
+    @contextmanager
+    def hooks(self, live_atoms: Tensor):
+        p, model, cfg = self.p, self.p.model, self.p.model.cfg
+        k, b = self.k, len(p.batch)
+        fwd, handles = [], []
+        by_site: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (kind, layer) -> [(atom, head)]
+        for a, ((kind, layer, head), _) in enumerate(p.atoms):
+            if live_atoms[a] and kind != "logits":
+                by_site.setdefault((kind, layer), []).append((a, head))
+        for l in range(self.start, cfg.n_layers):
+            if any((t, l) in by_site for t in "qkv"):
+                fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
+            for t in "qkv":
+                if (t, l) in by_site:
+                    fwd.append((f"blocks.{l}.attn.hook_{t}", self._replace_head_input(t, l, by_site[(t, l)])))
+            heads = [(w, h) for w, h in self.head_writers.get(l, []) if self.live_writers[w]]
+            if heads:
+                fwd.append((f"blocks.{l}.attn.hook_result", self._keep_heads(l, heads)))
+            w = self.mlp_writer.get(l)
+            if w is not None and self.live_writers[w]:
+                fwd.append((f"blocks.{l}.hook_mlp_out", self._keep_mlp(w)))
+            if ("mlp", l) in by_site:
+                norm = model.adapter.module(model.adapter.mlp_norm, l)
+                handles.append(norm.register_forward_pre_hook(self._replace_mlp_input(by_site[("mlp", l)][0][0])))
+        try:
+            with model.hooks(fwd_hooks=fwd):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ---- hook functions ---------------------------------------------------------------------------
+    def _view(self, act: Tensor) -> Tensor:
+        return act.view(self.k, len(self.p.batch), *act.shape[1:])
+
+    def _keep_x(self, layer: int):
+        def hook(act, _):
+            self.x_attn[layer] = act  # [k * batch, pos, d_model]
+        return hook
+
+    def _keep_heads(self, layer: int, heads: list[tuple[int, int]]):
+        def hook(act, _):  # [k * batch, pos, head, d_model]
+            cur = self._view(act)
+            for w, h in heads:
+                self.delta[w] = cur[:, :, :, h] - self.p.ablated_out[w]
+        return hook
+
+    def _keep_mlp(self, w: int):
+        def hook(act, _):  # [k * batch, pos, d_model]
+            self.delta[w] = self._view(act) - self.p.ablated_out[w]
+        return hook
+
+    def _rows(self, atoms: list[int]) -> Tensor:
+        """Which rows take the recomputed value: [k * batch, 1, atom, 1]."""
+        t = self.touched[:, atoms]  # [k, atom]
+        return t.repeat_interleave(len(self.p.batch), 0)[:, None, :, None]
+
+    def _replace_head_input(self, kind: str, layer: int, items: list[tuple[int, int]]):
+        atoms, heads = [a for a, _ in items], [h for _, h in items]
+
+        def hook(act, _):  # [k * batch, pos, head, d_head]
+            x = self.x_attn[layer]  # [k * batch, pos, d_model]
+            corr = self.correction(atoms).flatten(0, 1)  # [k * batch, pos, atom, d_model]
+            new = self.p.heads.value(layer, kind, heads, x[:, :, None, :] - corr)  # [k * batch, pos, atom, d_head]
+            idx = torch.tensor(heads, device=act.device)
+            old = act[:, :, idx]
+            out = act.clone()
+            out[:, :, idx] = torch.where(self._rows(atoms), new.to(act.dtype), old)
+            return out
+        return hook
+
+    def _replace_mlp_input(self, atom: int):
+        def hook(module, args):
+            x = args[0]  # [k * batch, pos, d_model]
+            corr = self.correction([atom])[:, :, :, 0].flatten(0, 1)  # [k * batch, pos, d_model]
+            return (torch.where(self._rows([atom])[:, :, 0], x - corr, x), *args[1:])
+        return hook

@@ -1,0 +1,59 @@
+"""What one head's query, key or value would be if it alone read another residual stream.
+
+A layer's heads all read one stream through one norm. To give each head its own input (an ablated
+edge changes what one reader sees), each input goes through its own copy of the norm (the norm
+module itself, on [..., reader, d_model]) and then through that head's slice of the projection, and,
+on Gemma, the per-head q/k norm. The slices are read from the projection module itself: it is
+affine, so its value on the zero vector is its bias and on the unit vectors its weight; that works
+for every layout (separate, fused, interleaved per head) through the adapter's lens, and is checked
+against the module on a random input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mechscope.errors import UnsupportedModelError
+from mechscope.models.hooked import HookedModel
+
+
+class HeadInputs:
+    """Per-head projections of every layer: `value(layer, kind, heads, x)`."""
+
+    def __init__(self, model: HookedModel):
+        self.model = model
+        a = model.adapter
+        self._norms = [a.module(a.attn_norm, l) for l in range(model.cfg.n_layers)]
+        self._proj: dict[tuple[int, str], tuple[Tensor, Tensor, nn.Module | None]] = {}
+
+    def projection(self, layer: int, kind: str) -> tuple[Tensor, Tensor, nn.Module | None]:
+        """(weight [head, d_model, d_head], bias [head, d_head], per-head module after it or None)."""
+        key = (layer, kind)
+        if key not in self._proj:
+            a, d = self.model.adapter, self.model.cfg.d_model
+            place, post = a.qkv_projections()[kind]
+            module, lens = a.module(place.path, layer), place.lens
+            p = next(module.parameters())
+            with torch.no_grad():
+                basis = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(p)  # [1 + d_model, d_model]
+                out = lens.get(module.forward(basis))  # [1 + d_model, head, d_head] (forward: no hooks)
+                bias, weight = out[0], (out[1:] - out[0]).permute(1, 0, 2)  # [head, d_head], [head, d_model, d_head]
+                probe = torch.randn(3, d, generator=torch.Generator().manual_seed(0)).to(p)
+                direct = lens.get(module.forward(probe))  # [3, head, d_head]
+                mine = torch.einsum("xd,hde->xhe", probe, weight) + bias
+            if not torch.allclose(mine, direct, rtol=1e-3, atol=1e-4 * (1 + direct.abs().max().item())):
+                raise UnsupportedModelError(f"{type(module).__name__} in layer {layer} is not an affine map of the "
+                                            f"attention norm's output, so per-head {kind} inputs cannot be computed")
+            self._proj[key] = (weight, bias, None if post is None else a.module(post, layer))
+        return self._proj[key]
+
+    def value(self, layer: int, kind: str, heads: list[int], x: Tensor) -> Tensor:
+        """Heads' q, k or v (k, v per key/value head) when head i reads x[..., i, :].
+
+        x: [..., len(heads), d_model] residual streams (before the norm) -> [..., len(heads), d_head]."""
+        weight, bias, post = self.projection(layer, kind)
+        normed = self._norms[layer].forward(x)  # [..., n, d_model]: the layer's own norm, one copy per reader
+        idx = torch.tensor(heads, device=x.device)
+        out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
+        return out if post is None else post.forward(out)  # forward: the q site may hook this very module
