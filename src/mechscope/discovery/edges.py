@@ -18,9 +18,9 @@ The steps of `EdgePatcher.run(masks)` (masks [k, n_edges], one row per variant, 
    stacked along the batch (variant-major), chunked by a memory budget;
 3. as writers run, keep (current - ablated) for those with ablated edges; writers before the resumed
    layer keep their clean difference;
-4. at each reader with ablated edges, subtract the masked sum of those differences and recompute
-   (only rows where that reader has an ablated edge take the new value, so untouched readers stay
-   exact);
+4. at each reader with ablated edges, subtract the masked sum of those differences; a head's input
+   changes its q, k or v by f(input - correction) - f(input), added to the module's own value, so a
+   reader whose correction is zero keeps its exact value;
 5. unembed only each prompt's read position: logits [k, batch, d_vocab].
 """
 
@@ -270,11 +270,13 @@ class _RunState:
         def hook(act, _):  # [k * batch, pos, head, d_head]
             x = self.x_attn[layer]  # [k * batch, pos, d_model]
             corr = self.correction(atoms).flatten(0, 1)  # [k * batch, pos, atom, d_model]
-            new = self.p.heads.value(layer, kind, heads, x[:, :, None, :] - corr)  # [k * batch, pos, atom, d_head]
+            xs = x[:, :, None, :].expand_as(corr)
+            both = self.p.heads.value(layer, kind, heads, torch.stack([xs - corr, xs]))  # [2, k * batch, pos, atom, d_head]
+            # The module's own value plus the change: exactly the module's value where nothing is ablated.
             idx = torch.tensor(heads, device=act.device)
             old = act[:, :, idx]
             out = act.clone()
-            out[:, :, idx] = torch.where(self._rows(atoms), new.to(act.dtype), old)
+            out[:, :, idx] = torch.where(self._rows(atoms), old + (both[0] - both[1]).to(act.dtype), old)
             return out
         return hook
 

@@ -1,0 +1,181 @@
+"""The discovery graph, edge patching's two ends, ACDC's thresholds, circuits and EdgeScores."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import exact_for, tiny_batch, tiny_model
+from mechscope.discovery import EdgeScores, Evaluator, Graph, discover, evaluate
+from mechscope.discovery.scores import roc_auc
+from mechscope.errors import InputError
+from mechscope.metrics import read_logits
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def hand_count(n_layers, n_heads, n_kv, parallel, split=True):
+    """Edges counted reader by reader: what each reads is everything written before it."""
+    readers_per_layer = n_heads + 2 * n_kv if split else n_heads
+    total = 0
+    for l in range(n_layers):
+        before_attention = 1 + l * (n_heads + 1)  # input, then every earlier layer's heads and MLP
+        total += readers_per_layer * before_attention
+        total += before_attention + (0 if parallel else n_heads)  # the MLP also reads its own layer's heads
+    return total + 1 + n_layers * (n_heads + 1)  # the logits read every writer
+
+
+@pytest.mark.parametrize("n_layers,n_heads,n_kv,parallel", [(3, 4, 4, False), (3, 4, 4, True), (2, 9, 3, False), (30, 9, 3, False)])
+def test_edge_count_matches_a_hand_count(n_layers, n_heads, n_kv, parallel):
+    from mechscope.discovery.graph import GraphSpec
+
+    g = Graph(GraphSpec(n_layers, n_heads, n_kv, parallel))
+    assert g.n_edges == hand_count(n_layers, n_heads, n_kv, parallel)
+    assert g.n_nodes == 1 + n_layers * (n_heads + 1) + 1
+    assert len(set(g.edge_names)) == g.n_edges
+    if n_kv == n_heads:
+        merged = Graph(GraphSpec(n_layers, n_heads, n_kv, parallel, split_qkv=False))
+        assert merged.n_edges == hand_count(n_layers, n_heads, n_kv, parallel, split=False)
+
+
+def test_graph_names_and_restriction(model):
+    g = Graph.from_model(model)
+    gqa = model.cfg.n_kv_heads < model.cfg.n_heads
+    assert "input->a0.h1<q" in g.edge_index and "a2.h3->logits" in g.edge_index
+    assert (f"a0.h0->a1.{'kv' if gqa else 'h'}{model.cfg.n_kv_heads - 1}<k") in g.edge_index
+    assert ("a1.h0->m1" in g.edge_index) == (not model.cfg.parallel_residual)  # same-layer MLP reads attention
+    assert "a1.h0->a1.h2<q" not in g.edge_index and "m2->a1.h0<q" not in g.edge_index
+    small = Graph.from_model(model, layers=[1, 2], nodes=["a1.h0", "a2.h1", "m2"])
+    assert {w.name for w in small.writers} == {"input", "a1.h0", "a2.h1", "m2"}
+    assert "a1.h0->a2.h1<q" in small.edge_index and "a1.h0->logits" in small.edge_index
+    with pytest.raises(InputError, match="unknown nodes"):
+        Graph.from_model(model, nodes=["a9.h9"])
+    with pytest.raises(InputError, match="not an edge"):
+        g.edges_of(["a1.h0->a0.h0<q"])
+    assert Graph.from_spec(g.to_spec()).edge_names == g.edge_names
+
+
+def test_no_edge_ablated_is_clean_and_every_edge_ablated_is_the_ablated_run(model):
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    with torch.no_grad():
+        clean = read_logits(model(batch.clean), batch)
+        corrupt = read_logits(model(batch.corrupt), batch)
+        out = ev.patcher.run(torch.tensor([[0] * ev.graph.n_edges, [1] * ev.graph.n_edges], dtype=torch.bool))
+    torch.testing.assert_close(out[0], clean, **exact_for(model))
+    torch.testing.assert_close(out[1], corrupt, **exact_for(model))
+    # zero ablation of every edge: every reader reads only the biases' constant part of the stream
+    ev0 = Evaluator(model, batch, Graph.from_model(model), ablation="zero")
+    assert ev0.empty != pytest.approx(ev.empty)
+
+
+def test_mean_ablation_of_every_edge_is_the_mean_run():
+    """With every edge mean-ablated, each reader reads the sum of its writers' mean outputs."""
+    model = tiny_model("gpt2")
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model), ablation="mean")
+    p = ev.patcher
+    # the logits read the mean of every writer, plus the constant biases
+    with torch.no_grad():
+        out = p.run(torch.ones(1, ev.graph.n_edges, dtype=torch.bool))[0]
+        bias_part = p.clean_final - p.clean_out.sum(0)[torch.arange(len(batch)), batch.read_pos]
+        final = p.ablated_out.sum(0)[torch.arange(len(batch)), batch.read_pos] + bias_part
+        torch.testing.assert_close(out, model.logits_from_resid(final), **exact_for(model))
+
+
+def _kill_head(model, layer, head):
+    d = model.cfg.d_head
+    with torch.no_grad():
+        proj = model.adapter.module(model.adapter.out_proj, layer)
+        if model.cfg.family == "gpt2":
+            proj.weight[head * d:(head + 1) * d] = 0  # Conv1D: [in, out]
+        else:
+            proj.weight[:, head * d:(head + 1) * d] = 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa"])
+def test_acdc_thresholds(family):
+    model = tiny_model(family)
+    _kill_head(model, 1, 2)  # its edges have no effect at all
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    exact = discover(model, batch, method="exact", evaluator=ev)
+    keep_all = discover(model, batch, method="acdc", threshold=0.0, evaluator=ev)
+    # "nonzero": above rounding (64 eps of float64); the smallest real effect here is far larger
+    assert set(keep_all.circuit_edges) == {n for n, v in zip(exact.labels["edge"], exact.values.tolist()) if abs(v) > 1e-13}
+    assert exact.values.abs()[exact.values.abs() > 1e-13].min() > 1e-8
+    assert not any(n.startswith("a1.h2->") or n.split("->")[1].startswith("a1.h2<") for n in keep_all.circuit_edges)
+    none = discover(model, batch, method="acdc", threshold=math.inf, evaluator=ev)
+    assert none.circuit_edges == ()
+    kl = discover(model, batch, method="acdc", threshold=1e-3, metric="kl_div")
+    found = kl.circuit()
+    assert 0 < len(found) < ev.graph.n_edges
+    assert evaluate(model, batch, found, metric="kl_div")["metric"] < 0.05  # the kept circuit stays close to clean
+    limited = discover(model, batch, method="acdc", threshold=0.0, evaluator=ev, candidates=exact.circuit(edges=20))
+    assert set(limited.circuit_edges) <= set(exact.circuit(edges=20).edges)
+
+
+def test_circuits_faithfulness_and_curve():
+    model = tiny_model("llama-gqa")
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    scores = discover(model, batch, method="eap-ig", evaluator=ev)
+    full = scores.circuit(edges=ev.graph.n_edges)
+    assert len(full) == ev.graph.n_edges and ev.evaluate(full)["faithfulness"] == pytest.approx(1.0, abs=1e-9)
+    assert ev.evaluate(scores.circuit(edges=0))["faithfulness"] == pytest.approx(0.0, abs=1e-9)
+    c = scores.circuit(edges=15)
+    assert len(c) <= 15
+    kept = set(c.edges)
+    for e in kept:  # pruned: a kept edge's writer reads something kept, and its reader's node writes something kept
+        w, r = e.split("->")
+        assert w == "input" or any(_feeds(ev.graph, k, w) for k in kept)
+        assert r == "logits" or any(_feeds(ev.graph, e, k.split("->")[0]) for k in kept)
+    greedy = scores.circuit(edges=10, greedy=True)
+    assert 0 < len(greedy) <= 10 and any(e.endswith("->logits") for e in greedy.edges)
+    curve = ev.curve(scores)
+    assert curve["sizes"][-1] == ev.graph.n_edges and curve["faithfulness"][-1] == pytest.approx(1.0, abs=1e-9)
+    assert 0 < curve["area"] <= 1.5
+    found = ev.smallest(scores, 0.8, curve)
+    assert found is not None and found[1] >= 0.8
+    assert ev.evaluate(found[0])["faithfulness"] == pytest.approx(found[1])
+
+
+def _feeds(graph, edge, node):
+    """Whether the reader of `edge` is an input of `node`."""
+    r = graph.readers[int(graph.edges[graph.edge_index[edge], 1])]
+    return node in r.feeds
+
+
+def test_edge_scores_round_trip_and_compare():
+    model = tiny_model("gpt2")
+    batch = tiny_batch(model)
+    scores = discover(model, batch, method="eap")
+    back = EdgeScores.from_json(scores.to_json())
+    assert back.labels == scores.labels and torch.equal(back.values, scores.values) and back.method == "eap"
+    assert back.circuit(edges=5).edges == scores.circuit(edges=5).edges
+    nodes = scores.node_scores()
+    best = sorted((v, k) for k, v in nodes.items() if k != "input")[-3:]
+    cmp = scores.compare_to([k for _, k in best])
+    assert cmp["roc_auc"] == 1.0 and cmp["precision"] == 1.0 and cmp["level"] == "nodes"
+    assert scores.compare_to([(0, 1)])["n_reference"] == 1
+    assert roc_auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([False, True, True])) == 1.0
+    assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([False, True])) == 0.5
+    with pytest.raises(InputError, match="not nodes"):
+        scores.compare_to(["a9.h9"])
+
+
+def test_bad_options_are_refused_before_work():
+    model = tiny_model("gpt2")
+    batch = tiny_batch(model)
+    for kwargs, match in [(dict(method="magic"), "unknown method"), (dict(method="acdc"), "threshold"),
+                          (dict(method="acdc", threshold=-1.0), "threshold"), (dict(method="eap-ig", steps=0), "steps"),
+                          (dict(method="eap", ablation="noise"), "unknown ablation"), (dict(method="eap", metric="x"), "metric")]:
+        with pytest.raises(InputError, match=match):
+            discover(model, batch, **kwargs)
+    with pytest.raises(InputError, match="split_qkv"):
+        Graph.from_model(tiny_model("llama-gqa"), split_qkv=False)
+    scores = discover(model, batch, method="eap")
+    with pytest.raises(InputError, match="either"):
+        scores.circuit(edges=3, threshold=0.1)
+    with pytest.raises(InputError, match="edges=N"):
+        scores.circuit()
