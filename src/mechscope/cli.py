@@ -215,6 +215,71 @@ def ioi_study(
     console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
 
 
+@app.command("discover")
+def discover_command(
+    model: ModelSpec = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Directory for discover.json, scores.json and report.html.")] = Path("discover-out"),
+    prompts: Prompts = None, task: Task = None, n: N = 24, seed: Seed = 0,
+    method: Annotated[str, typer.Option(help="eap, eap-ig, eap-ig-activations, exact or acdc.")] = "eap-ig",
+    steps: Annotated[int, typer.Option(help="EAP-IG: interpolation steps.")] = 5,
+    edges: Annotated[Optional[int], typer.Option(help="Circuit size: the top N edges (default: the smallest circuit "
+                                                 "with faithfulness 0.8; ACDC: its own).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="ACDC: remove an edge whose removal moves the metric "
+                                                       "by at most this.")] = None,
+    ablation: Annotated[str, typer.Option(help="corrupt, mean or zero: what an ablated edge carries.")] = "corrupt",
+    metric: MetricName = "logit_diff",
+    eval_prompts: Annotated[Optional[Path], typer.Option(help="JSONL of fresh prompts to evaluate the circuit on "
+                                                         "(default with --task: as many fresh prompts).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier run in OUT.")] = False,
+) -> None:
+    """Circuit discovery on edges (EAP, EAP-IG, ACDC): score every edge, choose a circuit, measure its
+    faithfulness; writes OUT/discover.json, OUT/scores.json (every edge) and OUT/report.html."""
+    from mechscope.discovery import METHODS
+    from mechscope.discovery.edges import check_ablation
+    from mechscope.discovery.run import run_discovery
+    from mechscope.errors import InputError
+    from mechscope.metrics import check_metric_name
+    from mechscope.report import render
+    from mechscope.result import write_json
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    with _clear_errors():
+        if method not in METHODS:
+            raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        check_ablation(ablation)
+        check_metric_name(metric)
+        if (prompts is None) == (task is None):
+            raise InputError("give either --prompts FILE.jsonl or --task ioi")
+        if task is not None and task != "ioi":
+            raise InputError(f"unknown task {task!r}; the built-in task is ioi")
+        _check_n(n)
+        if steps < 1:
+            raise InputError(f"--steps must be 1 or more, not {steps}")
+        if edges is not None and edges < 1:
+            raise InputError(f"--edges must be 1 or more, not {edges}")
+        if method == "acdc" and (threshold is None or not threshold >= 0):
+            raise InputError("--method acdc needs --threshold T (T >= 0, e.g. 0.01)")
+        for f in (prompts, eval_prompts):
+            if f is not None and not f.is_file():
+                raise InputError(f"{f} is not a file; give a JSONL file of prompts")
+        files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite)
+        m = _load(model)
+        batch = _batch(m, prompts, task, n, seed)
+        if eval_prompts is not None:
+            eval_batch = ContrastiveBatch.from_jsonl(m, eval_prompts)
+        else:
+            eval_batch = ContrastiveBatch.from_records(m, ioi(n, seed=seed + 1000, model=m)) if task else None
+        record, scores = run_discovery(m, batch, method=method, steps=steps, threshold=threshold, edges=edges,
+                                       ablation=ablation, metric=metric, eval_batch=eval_batch, progress=True,
+                                       log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        write_folder(out, {files[0]: write_json(record, indent=1), files[1]: scores.to_json(), files[2]: render(record)})
+    fe = record["faithfulness_eval"]
+    console.print(f"circuit: {record['n_circuit_edges']} of {record['n_edges_total']} edges "
+                  f"({record['edge_fraction']:.2%}), {record['chosen']}; faithfulness {record['faithfulness']:.3f}"
+                  + ("" if fe is None else f", on {record['n_eval_prompts']} fresh prompts {fe:.3f}"))
+    console.print(f"wrote {', '.join(map(str, files))} ({record['seconds']:.1f} s)")
+
+
 def folder_outputs(out: Path, names: list[str], overwrite: bool) -> list[Path]:
     """A command that writes OUT/<name> for each name: checked before any work, and said."""
     from mechscope.errors import OutputError

@@ -150,9 +150,10 @@ class EdgePatcher:
         logit_atoms = [a for a, ((kind, _, _), _) in enumerate(self.atoms) if kind == "logits" and live_atoms[a]]
         if logit_atoms:
             a = logit_atoms[0]
-            corr = state.correction([a])  # [k, batch, pos, 1, d_model]
-            corr = at_positions(corr[:, :, :, 0], self.batch.read_pos)  # [k, batch, d_model]
-            final = torch.where(touched[:, a, None, None], final - corr, final)
+            pairs = state.pairs([a])  # [pairs, 2]
+            corr = at_positions(state.correction([a], pairs), self.batch.read_pos)  # [pairs, batch, d_model]
+            final = final.clone()
+            final[pairs[:, 0]] = final[pairs[:, 0]] - corr
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
 
 
@@ -193,19 +194,38 @@ class _RunState:
             elif writer.kind == "mlp":
                 self.mlp_writer[writer.layer] = w
 
-    def correction(self, atoms: list[int]) -> Tensor:
-        """sum over writers of coef[k, w, a] * (current - ablated)_w: [k, batch, pos, len(atoms), d_model]."""
+    def pairs(self, atoms: list[int]) -> Tensor:
+        """The (variant, atom) pairs where an atom has an ablated edge: [pairs, 2] (index into `atoms`)."""
+        return self.touched[:, atoms].nonzero()
+
+    def correction(self, atoms: list[int], pairs: Tensor) -> Tensor:
+        """For each (variant j, atom a) pair: sum over writers of coef[j, w, a] * (current - ablated)_w,
+        [pairs, batch, pos, d_model].
+
+        Writers before the resumed layer have one difference for every variant ([batch, pos, d]): one
+        matrix product serves all pairs. Writers recomputed in this run differ per variant: one
+        batched product over variants."""
         sub = self.coef[:, :, atoms]  # [k, writer, atom]
-        ws = [w for w in sub.ne(0).any(2).any(0).nonzero().flatten().tolist()] if not sub.requires_grad else \
-            [w for w in range(sub.shape[1]) if w in self.delta]
+        cp = sub[pairs[:, 0], :, pairs[:, 1]]  # [pairs, writer]
+        if sub.requires_grad:
+            ws = [w for w in range(sub.shape[1]) if w in self.delta]
+        else:
+            ws = cp.ne(0).any(0).nonzero().flatten().tolist()
         missing = [w for w in ws if w not in self.delta]
         if missing:  # an edge's writer always runs before its reader
             raise RuntimeError(f"writers {missing} have no recorded output before their readers")
         b, pos, d = self.p.delta.shape[1:]
-        if not ws:
-            return sub.new_zeros(self.k, b, pos, len(atoms), d)
-        deltas = torch.stack([self.delta[w].expand(self.k, b, pos, d) for w in ws])  # [w, k, batch, pos, d_model]
-        return torch.einsum("kwa,wkbpd->kbpad", sub[:, ws], deltas)
+        out = cp.new_zeros(len(pairs), b * pos * d)  # [pairs, batch*pos*d]
+        shared = [w for w in ws if self.delta[w].ndim == 3]
+        own = [w for w in ws if self.delta[w].ndim == 4]
+        if shared:
+            deltas = torch.stack([self.delta[w].reshape(-1) for w in shared])  # [w, batch*pos*d]
+            out = out + cp[:, shared] @ deltas
+        if own:
+            deltas = torch.stack([self.delta[w].reshape(self.k, -1) for w in own], dim=1)  # [k, w, batch*pos*d]
+            per_variant = torch.bmm(sub[:, own].transpose(1, 2), deltas)  # [k, atom, batch*pos*d]
+            out = out + per_variant[pairs[:, 0], pairs[:, 1]]
+        return out.view(len(pairs), b, pos, d)
 
     @contextmanager
     def hooks(self, live_atoms: Tensor):
@@ -259,30 +279,27 @@ class _RunState:
             self.delta[w] = self._view(act) - self.p.ablated_out[w]
         return hook
 
-    def _rows(self, atoms: list[int]) -> Tensor:
-        """Which rows take the recomputed value: [k * batch, 1, atom, 1]."""
-        t = self.touched[:, atoms]  # [k, atom]
-        return t.repeat_interleave(len(self.p.batch), 0)[:, None, :, None]
-
     def _replace_head_input(self, kind: str, layer: int, items: list[tuple[int, int]]):
-        atoms, heads = [a for a, _ in items], [h for _, h in items]
+        atoms, heads = [a for a, _ in items], torch.tensor([h for _, h in items])
 
         def hook(act, _):  # [k * batch, pos, head, d_head]
-            x = self.x_attn[layer]  # [k * batch, pos, d_model]
-            corr = self.correction(atoms).flatten(0, 1)  # [k * batch, pos, atom, d_model]
-            xs = x[:, :, None, :].expand_as(corr)
-            both = self.p.heads.value(layer, kind, heads, torch.stack([xs - corr, xs]))  # [2, k * batch, pos, atom, d_head]
+            pairs = self.pairs(atoms)  # [pairs, 2]
+            x = self._view(self.x_attn[layer])[pairs[:, 0]]  # [pairs, batch, pos, d_model]
+            corr = self.correction(atoms, pairs)  # [pairs, batch, pos, d_model]
+            h = heads[pairs[:, 1]]  # [pairs]
+            new, base = self.p.heads.value_each(layer, kind, h, torch.stack([x - corr, x]))  # [pairs, batch, pos, d_head] each
             # The module's own value plus the change: exactly the module's value where nothing is ablated.
-            idx = torch.tensor(heads, device=act.device)
-            old = act[:, :, idx]
             out = act.clone()
-            out[:, :, idx] = torch.where(self._rows(atoms), old + (both[0] - both[1]).to(act.dtype), old)
+            view = self._view(out)  # [k, batch, pos, head, d_head]
+            view[pairs[:, 0], :, :, h] = view[pairs[:, 0], :, :, h] + (new - base).to(act.dtype)
             return out
         return hook
 
     def _replace_mlp_input(self, atom: int):
         def hook(module, args):
-            x = args[0]  # [k * batch, pos, d_model]
-            corr = self.correction([atom])[:, :, :, 0].flatten(0, 1)  # [k * batch, pos, d_model]
-            return (torch.where(self._rows([atom])[:, :, 0], x - corr, x), *args[1:])
+            pairs = self.pairs([atom])  # [pairs, 2]
+            x = args[0].clone()  # [k * batch, pos, d_model]
+            view = self._view(x)  # [k, batch, pos, d_model]
+            view[pairs[:, 0]] = view[pairs[:, 0]] - self.correction([atom], pairs)
+            return (x, *args[1:])
         return hook

@@ -48,6 +48,15 @@ class HeadInputs:
             self._proj[key] = (weight, bias, None if post is None else a.module(post, layer))
         return self._proj[key]
 
+    def value_each(self, layer: int, kind: str, heads: Tensor, x: Tensor) -> Tensor:
+        """One head per row: x [..., n, batch, pos, d_model], row i read by head heads[i] ->
+        [..., n, batch, pos, d_head]."""
+        weight, bias, post = self.projection(layer, kind)
+        normed = self._norms[layer].forward(x)  # [..., n, batch, pos, d_model]
+        w, b = weight[heads.to(weight.device)], bias[heads.to(bias.device)]  # [n, d_model, d_head], [n, d_head]
+        out = torch.einsum("...nbpd,nde->...nbpe", normed, w) + b[:, None, None]  # [..., n, batch, pos, d_head]
+        return out if post is None else post.forward(out)
+
     def value(self, layer: int, kind: str, heads: list[int], x: Tensor) -> Tensor:
         """Heads' q, k or v (k, v per key/value head) when head i reads x[..., i, :].
 

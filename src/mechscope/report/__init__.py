@@ -10,12 +10,13 @@ from pathlib import Path
 
 from mechscope.errors import InputError
 from mechscope.report import html
+from mechscope.report.discovery import discovery_views
 from mechscope.report.positions import positions_views
 from mechscope.report.views import ioi_views, result_views
 
 
 def render(data) -> str:
-    """The HTML page for a study dict (ioi.json, positions.json), a Result, or a Result's dict."""
+    """The HTML page for a study dict (ioi.json, positions.json, discover.json), a Result, or a Result's dict."""
     if hasattr(data, "to_dict"):
         data = data.to_dict()
     if not isinstance(data, dict):
@@ -27,6 +28,9 @@ def render(data) -> str:
         if "position_baseline" in data and "layers" in data:
             return html.document(f"Word positions in {data['model']}", f"{data['n_prompts']} prompts, mechscope "
                                  "positions", positions_views(data))
+        if "curve" in data and "n_edges_total" in data:
+            return html.document(f"Circuit of {data['model']} found by {data['method']}", f"{data['n_prompts']} prompts, "
+                                 "mechscope discover", discovery_views(data))
         if "values" in data and "axes" in data:
             return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
                                  result_views(data))
@@ -60,7 +64,8 @@ def source_file(path: str | Path) -> Path:
     """The JSON a report reads: `path` itself, or the study JSON in a folder a study wrote."""
     path = Path(path)
     if path.is_dir():
-        return next((path / f for f in ("ioi.json", "positions.json") if (path / f).is_file()), path / "ioi.json")
+        return next((path / f for f in ("ioi.json", "positions.json", "discover.json") if (path / f).is_file()),
+                    path / "ioi.json")
     return path
 
 
