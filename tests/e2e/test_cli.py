@@ -194,3 +194,37 @@ def test_othello_commands_write_their_json(tmp_path):
 def test_othello_refuses_bad_requests_before_work(tmp_path, args, message):
     done = runner.invoke(app, args + ["--out", str(tmp_path / "o")])
     assert done.exit_code == 1 and message in " ".join(done.output.split()) and not (tmp_path / "o").exists()
+
+
+def test_discover_writes_json_scores_and_report(ioi_model_dir, tmp_path):
+    out = tmp_path / "disc"
+    args = ["discover", "--model", str(ioi_model_dir), "--task", "ioi", "--n", "6", "--method", "eap-ig",
+            "--steps", "2", "--out", str(out)]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    data = json.loads((out / "discover.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in discover.json"))
+    for key in ("model", "method", "n_prompts", "n_nodes", "n_edges_total", "circuit", "faithfulness",
+                "faithfulness_eval", "curve", "forward_equivalents", "seconds"):
+        assert key in data, key
+    assert data["method"] == "eap-ig" and data["steps"] == 2 and data["n_prompts"] == 6 and data["n_eval_prompts"] == 6
+    assert data["faithfulness"] >= 0.8 and "smallest" in data["chosen"]
+    assert all("->" in e for e in data["circuit"]) and len(data["circuit"]) == data["n_circuit_edges"]
+    scores = json.loads((out / "scores.json").read_text())
+    assert len(scores["values"]) == data["n_edges_total"] == len(scores["labels"]["edge"])
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    done = runner.invoke(app, args)  # never over an earlier run unless asked
+    assert done.exit_code == 1 and "already exists" in done.output
+    done = runner.invoke(app, args[:-2] + ["--edges", "5", "--out", str(tmp_path / "five")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "five" / "discover.json").read_text())["n_circuit_edges"] <= 5
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "acdc"], "needs --threshold"), (["--method", "magic"], "--method must be one of"),
+    (["--ablation", "noise"], "unknown ablation"), (["--steps", "0"], "--steps must be"),
+    (["--edges", "0"], "--edges must be"), (["--n", "0"], "--n must be"),
+])
+def test_discover_refuses_bad_options_before_loading(tmp_path, extra, message):
+    done = runner.invoke(app, ["discover", "--model", "never-loaded", "--task", "ioi", "--out", str(tmp_path / "o"), *extra])
+    assert done.exit_code == 1 and message in " ".join(done.output.split()), done.output
+    assert not (tmp_path / "o").exists()

@@ -140,3 +140,34 @@ def test_positions_report_in_chromium(browser, tmp_path):
     assert "word-index probe" in page.locator("#ms-tip").inner_text()
     assert "Cross-template patching" in page.content()
     page.screenshot(path=str(tmp_path / "positions.png"), full_page=True)
+
+
+def test_discovery_report_in_chromium(browser, tmp_path):
+    from mechscope.discovery.run import run_discovery
+
+    model = tiny_model("llama-gqa")
+    batch = tiny_batch(model)
+    record, _ = run_discovery(model, batch, method="eap-ig", steps=2, eval_batch=batch)
+    path = write_report(record, tmp_path / "discover.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    drawn = min(len(record["circuit"]), 150)
+    assert page.locator("svg.graph path.edge").count() == drawn > 0
+    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    assert page.locator("svg.graph g.node").count() == len({n for e in record["circuit"] for n in _ends(e, group)} | {"logits"})
+    assert page.locator("svg.lines circle.point").count() == len(record["curve"]["sizes"])
+    assert page.locator("svg.heatmap rect.cell").count() == model.cfg.n_layers * (model.cfg.n_heads + 1)
+    page.locator("svg.graph path.edge").first.dispatch_event("mousemove")
+    assert "->" not in page.locator("#ms-tip").inner_text() and "score" in page.locator("#ms-tip").inner_text()
+    page.screenshot(path=str(tmp_path / "discover.png"), full_page=True)
+
+
+def _ends(edge: str, group: int) -> tuple[str, str]:
+    """The graph's two nodes of an edge: a reader a5.kv1<k is drawn at its group's first head (a5.h2
+    with two query heads per key/value head)."""
+    w, r = edge.split("->")
+    node = r.split("<")[0]
+    if ".kv" in node:
+        layer, g = node[1:].split(".kv")
+        node = f"a{layer}.h{int(g) * group}"
+    return w, node

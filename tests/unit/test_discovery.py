@@ -69,6 +69,20 @@ def test_no_edge_ablated_is_clean_and_every_edge_ablated_is_the_ablated_run(mode
     assert ev0.empty != pytest.approx(ev.empty)
 
 
+def test_small_circuits_run_as_base_plus_kept_edges(model):
+    """A circuit with fewer kept than ablated edges runs as each reader's all-ablated input plus the
+    kept writers' differences; the direct way (input minus the ablated ones) gives the same logits."""
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, ev.graph.n_edges, generator=g) < torch.tensor([[0.6], [0.8], [0.95], [1.0]])  # mostly ablated
+    with torch.no_grad():
+        fast = ev.patcher.run(masks)
+        ev.patcher.full_graph = False  # forces the direct way
+        direct = ev.patcher.run(masks)
+    torch.testing.assert_close(fast, direct, **exact_for(model))
+
+
 def test_mean_ablation_of_every_edge_is_the_mean_run():
     """With every edge mean-ablated, each reader reads the sum of its writers' mean outputs."""
     model = tiny_model("gpt2")

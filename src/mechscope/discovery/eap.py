@@ -13,8 +13,9 @@ recorded ablated run and one forward and backward pass:
 3. a head's gradient is carried back to its own input through its slice of the projection and the
    norm's Jacobian (a vector-Jacobian product of `HeadInputs.value`, for all heads of a layer at
    once); no forward with split inputs is needed;
-4. the scores of a layer's readers are one product of [writer, batch*pos*d] differences with
-   [reader, batch*pos*d] gradients, so no [reader, writer, ...] buffer is ever formed.
+4. the gradients are summed over steps per reader, [reader, batch*pos*d], and the scores are one
+   product of them with the writers' differences [writer, batch*pos*d]: no [reader, writer, ...]
+   buffer is ever formed, and the differences are read once.
 
 EAP-IG averages the gradients over `steps` points between the ablated and the clean run,
 alpha = 1/steps, 2/steps, .., 1 (one step is EAP): method "eap-ig" interpolates the input
@@ -36,12 +37,15 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     """Scores [n_edges] (float64 accumulation of the model's dtype), the mean over `steps` points."""
     g = patcher.graph
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
-    per_atom = torch.zeros(len(g.writers), len(patcher.atoms), dtype=wide)  # [writer, atom]
-    minus = -patcher.delta.flatten(1)  # [writer, batch*pos*d]: ablated - clean
+    grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
     for step in range(1, steps + 1):
         alpha = step / steps
-        for atoms, grads in _reader_grads(patcher, fn, alpha, interpolate):
-            per_atom[:, atoms] += (minus @ grads.flatten(1).T).to(wide)  # [writer, atom]
+        for atoms, grad in _reader_grads(patcher, fn, alpha, interpolate):
+            if grads is None:
+                grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
+            grads[atoms] += grad.flatten(1)
+    minus = -patcher.delta.flatten(1)  # [writer, batch*pos*d]: ablated - clean
+    per_atom = (minus @ grads.T).to(wide)  # [writer, atom]
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
     return per_reader[g.edges[:, 0], g.edges[:, 1]] / steps  # [n_edges]
 

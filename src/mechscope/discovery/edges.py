@@ -66,6 +66,7 @@ class EdgePatcher:
         with torch.no_grad():
             with self.inputs.recording():
                 clean, self.clean_final = self.writer_outputs(batch.clean)  # [writer, batch, pos, d_model]
+            clean_inputs = self._seen
             if ablation == "corrupt":
                 ablated, self.ablated_final = self.writer_outputs(batch.corrupt)
             else:
@@ -74,6 +75,12 @@ class EdgePatcher:
                 self.ablated_final = None  # known only by running with every edge ablated
         self.clean_out, self.ablated_out = clean, ablated
         self.delta = clean - ablated  # [writer, batch, pos, d_model]: what ablating each writer takes away
+        # With every writer in the graph, a reader's input with all its edges ablated is the same in
+        # every variant: its clean input minus every earlier writer's difference. A circuit with few
+        # kept edges is then cheaper as that base plus the kept writers' differences.
+        self.full_graph = graph.spec.layers is None and graph.spec.nodes is None
+        self.base = self._bases(clean_inputs) if self.full_graph else {}
+        del self._seen
 
     # ---- recording ----------------------------------------------------------------------------
     def writer_outputs(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,14 +93,19 @@ class EdgePatcher:
 
         names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{s}" for l in self._writer_layers()
                                                for s in ("attn.hook_result", "hook_mlp_out")]
-        final = self.model.adapter.module(self.model.adapter.final_norm)
+        a = self.model.adapter
         seen = {}
-        handle = final.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+        handles = [a.module(a.final_norm).register_forward_pre_hook(lambda m, args: seen.__setitem__("final", args[0]))]
+        for l in range(self.n_layers):  # what each MLP reads (resid_mid, or resid_pre on parallel models)
+            handles.append(a.module(a.mlp_norm, l).register_forward_pre_hook(
+                lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0])))
         try:
             with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
                 self.model.hf(input_ids=tokens, use_cache=False)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+        self._seen = seen
         out = []
         for w in self.graph.writers:
             if w.kind == "input":
@@ -102,7 +114,26 @@ class EdgePatcher:
                 out.append(store[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head])
             else:
                 out.append(store[f"blocks.{w.layer}.hook_mlp_out"])
-        return torch.stack(out), at_positions(seen["x"], self.batch.read_pos)
+        return torch.stack(out), at_positions(seen["final"], self.batch.read_pos)
+
+    def _bases(self, clean_inputs: dict) -> dict[int, Tensor]:
+        """{reader stage: its input with every edge into it ablated}, [batch, pos, d_model]."""
+        stages = sorted({r.stage for r in self.graph.readers})
+        w_stage = [w.stage for w in self.graph.writers]
+        out, total, i = {}, torch.zeros_like(self.delta[0]), 0
+        for stage in stages:
+            while i < len(w_stage) and w_stage[i] < stage:
+                total = total + self.delta[i]
+                i += 1
+            layer = (stage - 1) // 2  # odd stages: a layer's input (and a parallel MLP's); even: a sequential MLP's
+            if stage == 2 * self.n_layers + 1:
+                clean = clean_inputs["final"]
+            elif stage % 2 == 0:
+                clean = clean_inputs[("mlp", layer)]
+            else:
+                clean = self.inputs.resid[layer]
+            out[stage] = clean - total
+        return out
 
     def _writer_layers(self) -> list[int]:
         return sorted({w.layer for w in self.graph.writers if w.kind != "input"})
@@ -139,21 +170,27 @@ class EdgePatcher:
         if grad:
             touched = torch.ones_like(touched)
         live_atoms = touched.any(0)  # [atom]
+        binary = not grad and bool(((masks == 0) | (masks == 1)).all())
+        kept = int((masks == 0).sum()) if binary else 0
+        complement = self.full_graph and binary and kept < masks.numel() - kept
+        if complement:  # input = base + kept writers' differences (for rows where the atom has an ablated edge)
+            coef = self.atom_mask(masks == 0) * touched[:, None, :]  # [k, writer, atom]
         live_writers = coef.ne(0).any(2).any(0) | grad  # [writer]
         layers = [part[1] for (part, _), live in zip(self.atoms, live_atoms.tolist()) if live]
         start = min(min(layers, default=self.n_layers), self.n_layers - 1)
-        state = _RunState(self, coef, touched, k, start, live_writers)
+        state = _RunState(self, coef, touched, k, start, live_writers, complement)
         hidden = self.inputs.resid[start].repeat(k, 1, 1)  # [k * batch, pos, d_model]
         with state.hooks(live_atoms):
             hidden = self.inputs.run_layers(hidden, start, self.n_layers, k)  # [k * batch, pos, d_model]
-        final = at_positions(hidden.view(k, b, *hidden.shape[1:]), self.batch.read_pos)  # [k, batch, d_model]
+        hidden = hidden.view(k, b, *hidden.shape[1:])  # [k, batch, pos, d_model]
+        final = at_positions(hidden, self.batch.read_pos)  # [k, batch, d_model]
         logit_atoms = [a for a, ((kind, _, _), _) in enumerate(self.atoms) if kind == "logits" and live_atoms[a]]
         if logit_atoms:
             a = logit_atoms[0]
             pairs = state.pairs([a])  # [pairs, 2]
-            corr = at_positions(state.correction([a], pairs), self.batch.read_pos)  # [pairs, batch, d_model]
+            new = state.reader_inputs([a], pairs, hidden[pairs[:, 0]])  # [pairs, batch, pos, d_model]
             final = final.clone()
-            final[pairs[:, 0]] = final[pairs[:, 0]] - corr
+            final[pairs[:, 0]] = at_positions(new, self.batch.read_pos)
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
 
 
@@ -175,17 +212,27 @@ def _mean_over_prompts(out: Tensor, read_pos: Tensor) -> Tensor:
 
 
 class _RunState:
-    """The hooks of one patched run and the (current - ablated) differences they collect."""
+    """The hooks of one patched run and the (current - ablated) differences they collect.
 
-    def __init__(self, patcher: EdgePatcher, coef: Tensor, touched: Tensor, k: int, start: int, live_writers: Tensor):
+    Writers come in forward order, so those before the resumed layer are a prefix (their clean
+    differences serve every variant) and the recomputed ones fill a buffer [k, writer, batch*pos*d]
+    in order; a reader's correction is then a product with a prefix of it, never a copy. (With a
+    differentiable mask the differences are kept as separate tensors, so autograd can follow them.)"""
+
+    def __init__(self, patcher: EdgePatcher, coef: Tensor, touched: Tensor, k: int, start: int, live_writers: Tensor,
+                 complement: bool = False):
         self.p, self.coef, self.touched, self.k, self.start = patcher, coef, touched, k, start
+        self.complement = complement  # coef holds the kept edges: input = base + their differences
+        self.stage_of = [r.stage for r in patcher.graph.readers]
         self.live_writers = live_writers
         g = patcher.graph
-        self.delta: dict[int, Tensor] = {}  # writer -> [k, batch, pos, d_model] or [batch, pos, d_model] (clean)
-        for w, writer in enumerate(g.writers):
-            if live_writers[w] and (writer.kind == "input" or writer.layer < start):
-                self.delta[w] = patcher.delta[w]
+        self.grad = coef.requires_grad
+        self.n_pre = sum(1 for w in g.writers if w.kind == "input" or w.layer < start)  # a prefix: forward order
+        self.high = self.n_pre  # writers [0, high) are known
+        self.buf: Tensor | None = None  # [k, writer - n_pre, batch*pos*d]
+        self.own: dict[int, Tensor] = {}  # with a differentiable mask: writer -> [k, batch*pos*d]
         self.x_attn: dict[int, Tensor] = {}
+        self._attn_cache: dict[int, tuple] = {}
         self.head_writers = {}  # layer -> [(writer index, head)]
         self.mlp_writer = {}
         for w, writer in enumerate(g.writers):
@@ -194,38 +241,63 @@ class _RunState:
             elif writer.kind == "mlp":
                 self.mlp_writer[writer.layer] = w
 
+    def record(self, w: int, current: Tensor) -> None:
+        """Writer w's output in this run, [k, batch, pos, d_model]: keep (current - ablated)."""
+        delta = (current - self.p.ablated_out[w]).reshape(self.k, -1)  # [k, batch*pos*d]
+        if self.grad:
+            self.own[w] = delta
+        else:
+            if self.buf is None:
+                self.buf = delta.new_zeros(self.k, len(self.p.graph.writers) - self.n_pre, delta.shape[1])
+            self.buf[:, w - self.n_pre] = delta
+        self.high = max(self.high, w + 1)
+
     def pairs(self, atoms: list[int]) -> Tensor:
         """The (variant, atom) pairs where an atom has an ablated edge: [pairs, 2] (index into `atoms`)."""
         return self.touched[:, atoms].nonzero()
 
+    def reader_inputs(self, atoms: list[int], pairs: Tensor, x: Tensor) -> Tensor:
+        """What each (variant, atom) pair reads: its current input x [pairs, batch, pos, d_model] minus
+        the ablated writers' differences, or (complement) its all-ablated base plus the kept ones'."""
+        corr = self.correction(atoms, pairs)  # [pairs, batch, pos, d_model]
+        if not self.complement:
+            return x - corr
+        stage = self.stage_of[int(self.p.atom_reader[atoms[0]])]  # the atoms of one call share a stage
+        return self.p.base[stage] + corr
+
     def correction(self, atoms: list[int], pairs: Tensor) -> Tensor:
         """For each (variant j, atom a) pair: sum over writers of coef[j, w, a] * (current - ablated)_w,
-        [pairs, batch, pos, d_model].
-
-        Writers before the resumed layer have one difference for every variant ([batch, pos, d]): one
-        matrix product serves all pairs. Writers recomputed in this run differ per variant: one
-        batched product over variants."""
+        [pairs, batch, pos, d_model]."""
         sub = self.coef[:, :, atoms]  # [k, writer, atom]
         cp = sub[pairs[:, 0], :, pairs[:, 1]]  # [pairs, writer]
-        if sub.requires_grad:
-            ws = [w for w in range(sub.shape[1]) if w in self.delta]
-        else:
-            ws = cp.ne(0).any(0).nonzero().flatten().tolist()
-        missing = [w for w in ws if w not in self.delta]
-        if missing:  # an edge's writer always runs before its reader
-            raise RuntimeError(f"writers {missing} have no recorded output before their readers")
+        if not self.grad and bool(cp[:, self.high:].ne(0).any()):  # an edge's writer always runs before its reader
+            raise RuntimeError("a writer has no recorded output before its reader")
         b, pos, d = self.p.delta.shape[1:]
         out = cp.new_zeros(len(pairs), b * pos * d)  # [pairs, batch*pos*d]
-        shared = [w for w in ws if self.delta[w].ndim == 3]
-        own = [w for w in ws if self.delta[w].ndim == 4]
-        if shared:
-            deltas = torch.stack([self.delta[w].reshape(-1) for w in shared])  # [w, batch*pos*d]
-            out = out + cp[:, shared] @ deltas
-        if own:
-            deltas = torch.stack([self.delta[w].reshape(self.k, -1) for w in own], dim=1)  # [k, w, batch*pos*d]
-            per_variant = torch.bmm(sub[:, own].transpose(1, 2), deltas)  # [k, atom, batch*pos*d]
-            out = out + per_variant[pairs[:, 0], pairs[:, 1]]
+        pre = cp[:, :self.n_pre]  # [pairs, writer]: clean differences, the same for every variant
+        used = pre.ne(0).any(0).nonzero().flatten() if not self.grad else torch.arange(self.n_pre)
+        if len(used):
+            deltas = self.p.delta.flatten(1)  # [writer, batch*pos*d]
+            out = out + (pre[:, used] @ deltas[used] if len(used) < self.n_pre // 2 else pre @ deltas[:self.n_pre])
+        if self.grad and self.own:
+            ws = sorted(self.own)
+            per_variant = torch.bmm(sub[:, ws].transpose(1, 2), torch.stack([self.own[w] for w in ws], 1))
+            out = out + per_variant[pairs[:, 0], pairs[:, 1]]  # [pairs, batch*pos*d]
+        elif self.buf is not None and self.high > self.n_pre:
+            own = sub[:, self.n_pre:self.high]  # [k, writer, atom]
+            if bool(own.ne(0).any()):
+                per_variant = torch.bmm(own.transpose(1, 2), self.buf[:, :self.high - self.n_pre])  # [k, atom, b*p*d]
+                out = out + per_variant[pairs[:, 0], pairs[:, 1]]
         return out.view(len(pairs), b, pos, d)
+
+    def attention_inputs(self, layer: int, atoms: list[int]) -> tuple[Tensor, Tensor]:
+        """(pairs, inputs [pairs, batch, pos, d_model]) for all of a layer's q, k, v atoms at once: the
+        three sites of a layer share one correction."""
+        if layer not in self._attn_cache:
+            pairs = self.pairs(atoms)
+            x = self._view(self.x_attn[layer])[pairs[:, 0]]  # [pairs, batch, pos, d_model]
+            self._attn_cache = {layer: (pairs, self.reader_inputs(atoms, pairs, x), x)}  # one layer at a time
+        return self._attn_cache[layer]
 
     @contextmanager
     def hooks(self, live_atoms: Tensor):
@@ -239,9 +311,10 @@ class _RunState:
         for l in range(self.start, cfg.n_layers):
             if any((t, l) in by_site for t in "qkv"):
                 fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
+            layer_atoms = [a for t in "qkv" for a, _ in by_site.get((t, l), [])]
             for t in "qkv":
                 if (t, l) in by_site:
-                    fwd.append((f"blocks.{l}.attn.hook_{t}", self._replace_head_input(t, l, by_site[(t, l)])))
+                    fwd.append((f"blocks.{l}.attn.hook_{t}", self._replace_head_input(t, l, by_site[(t, l)], layer_atoms)))
             heads = [(w, h) for w, h in self.head_writers.get(l, []) if self.live_writers[w]]
             if heads:
                 fwd.append((f"blocks.{l}.attn.hook_result", self._keep_heads(l, heads)))
@@ -271,23 +344,24 @@ class _RunState:
         def hook(act, _):  # [k * batch, pos, head, d_model]
             cur = self._view(act)
             for w, h in heads:
-                self.delta[w] = cur[:, :, :, h] - self.p.ablated_out[w]
+                self.record(w, cur[:, :, :, h])
         return hook
 
     def _keep_mlp(self, w: int):
         def hook(act, _):  # [k * batch, pos, d_model]
-            self.delta[w] = self._view(act) - self.p.ablated_out[w]
+            self.record(w, self._view(act))
         return hook
 
-    def _replace_head_input(self, kind: str, layer: int, items: list[tuple[int, int]]):
-        atoms, heads = [a for a, _ in items], torch.tensor([h for _, h in items])
+    def _replace_head_input(self, kind: str, layer: int, items: list[tuple[int, int]], layer_atoms: list[int]):
+        mine = torch.tensor([a in {a for a, _ in items} for a in layer_atoms])  # which of the layer's atoms are this kind's
+        head_of = {a: h for a, h in items}
 
         def hook(act, _):  # [k * batch, pos, head, d_head]
-            pairs = self.pairs(atoms)  # [pairs, 2]
-            x = self._view(self.x_attn[layer])[pairs[:, 0]]  # [pairs, batch, pos, d_model]
-            corr = self.correction(atoms, pairs)  # [pairs, batch, pos, d_model]
-            h = heads[pairs[:, 1]]  # [pairs]
-            new, base = self.p.heads.value_each(layer, kind, h, torch.stack([x - corr, x]))  # [pairs, batch, pos, d_head] each
+            all_pairs, inputs, x = self.attention_inputs(layer, layer_atoms)
+            keep = mine[all_pairs[:, 1]]
+            pairs, inputs, x = all_pairs[keep], inputs[keep], x[keep]  # [pairs, 2], [pairs, batch, pos, d_model] x2
+            h = torch.tensor([head_of[layer_atoms[i]] for i in pairs[:, 1].tolist()], dtype=torch.long)  # [pairs]
+            new, base = self.p.heads.value_each(layer, kind, h, torch.stack([inputs, x]))  # [pairs, batch, pos, d_head] each
             # The module's own value plus the change: exactly the module's value where nothing is ablated.
             out = act.clone()
             view = self._view(out)  # [k, batch, pos, head, d_head]
@@ -300,6 +374,6 @@ class _RunState:
             pairs = self.pairs([atom])  # [pairs, 2]
             x = args[0].clone()  # [k * batch, pos, d_model]
             view = self._view(x)  # [k, batch, pos, d_model]
-            view[pairs[:, 0]] = view[pairs[:, 0]] - self.correction([atom], pairs)
+            view[pairs[:, 0]] = self.reader_inputs([atom], pairs, view[pairs[:, 0]])
             return (x, *args[1:])
         return hook

@@ -36,7 +36,12 @@ class Evaluator:
             clean_read = model.logits_from_resid(self.patcher.clean_final)  # [batch, d_vocab]
         self.metric_name, self.fn = resolve_metric(metric, clean_read)
         self.clean = self._mean(clean_read[None]).item()
-        self.empty = self.metric(torch.ones(1, graph.n_edges, dtype=torch.bool)).item()
+        p = self.patcher
+        if p.ablated_final is not None and p.full_graph:  # every edge corrupted is the corrupt run
+            with torch.no_grad():
+                self.empty = self._mean(model.logits_from_resid(p.ablated_final)[None]).item()
+        else:
+            self.empty = self.metric(torch.ones(1, graph.n_edges, dtype=torch.bool)).item()
         check_baselines(self.metric_name, self.clean, self.empty)
 
     def _mean(self, read: Tensor) -> Tensor:

@@ -19,10 +19,14 @@ def _node(name: str, n_layers: int) -> dict:
     return {"id": name, "layer": int(layer), "head": int(head), "cls": "head"}
 
 
-def _writer_node(reader: str) -> str:
-    """The node an input belongs to: a5.h2<q -> a5.h2 (a key/value head's input: its first head)."""
+def _writer_node(reader: str, group: int) -> str:
+    """The node an input belongs to: a5.h2<q -> a5.h2 (key/value head g's input: its group's first
+    query head, g * group)."""
     node = reader.split("<")[0]
-    return node.replace(".kv", ".h") if ".kv" in node else node
+    if ".kv" not in node:
+        return node
+    layer, g = node[1:].split(".kv")
+    return f"a{layer}.h{int(g) * group}"
 
 
 def _graph(d: dict) -> dict:
@@ -33,7 +37,7 @@ def _graph(d: dict) -> dict:
     edges = []
     for e in drawn:
         w, r = e.split("->")
-        target = _writer_node(r)
+        target = _writer_node(r, d["n_heads"] // d.get("n_kv_heads", d["n_heads"]))
         names |= {w, target}
         edges.append({"source": w, "target": target, "value": scores[e], "kind": "edge",
                       "label": f"into {r}: score"})
