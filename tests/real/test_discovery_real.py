@@ -29,8 +29,7 @@ def test_eap_ig_circuit_is_faithful_and_names_the_ioi_heads(smollm2, smollm2_ioi
     assert f_small > f_random + 0.2  # the top 2% are far better than chance
     fresh_faith = Evaluator(smollm2, fresh, graph).evaluate(large)["faithfulness"]
     assert fresh_faith >= 0.7  # and the circuit holds on prompts it was not found on
-    heads = [tuple(int(x) for x in h.split(".")) for hs in smollm2_ioi["circuit"].values() for h in hs]
-    cmp = scores.compare_to(heads)
+    cmp = scores.compare_to([h for heads in smollm2_ioi["circuit"].values() for h in heads])  # "23.3", ...
     assert cmp["roc_auc"] > 0.7  # the heads the IOI study found score high as nodes
     print(f"faithfulness: top 2% {f_small:.3f} (random {f_random:.3f}), top 15% {f_large:.3f}, fresh {fresh_faith:.3f}; "
           f"node ROC AUC against the IOI heads {cmp['roc_auc']:.3f}")

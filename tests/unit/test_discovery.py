@@ -171,7 +171,7 @@ def test_edge_scores_round_trip_and_compare():
     best = sorted((v, k) for k, v in nodes.items() if k != "input")[-3:]
     cmp = scores.compare_to([k for _, k in best])
     assert cmp["roc_auc"] == 1.0 and cmp["precision"] == 1.0 and cmp["level"] == "nodes"
-    assert scores.compare_to([(0, 1)])["n_reference"] == 1
+    assert scores.compare_to([(0, 1), "0.1", "a0.h1"])["n_reference"] == 1
     assert roc_auc(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([False, True, True])) == 1.0
     assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([False, True])) == 0.5
     with pytest.raises(InputError, match="not nodes"):

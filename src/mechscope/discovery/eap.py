@@ -65,11 +65,10 @@ def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: s
         value = widen(fn(model.logits_from_resid(final), batch)).mean()
         g_final, _ = torch.autograd.grad(value, [final, hidden])  # through every reader to the embeddings
     for l in range(cfg.n_layers):
-        for kind in "qkv":
-            items = rec.atoms.get((kind, l))
-            if items:
-                atoms, heads = [a for a, _ in items], [h for _, h in items]
-                yield atoms, _through_head_inputs(patcher, l, kind, heads, rec.x[l], rec.grads[(kind, l)][:, :, heads])
+        parts = [(kind, rec.atoms[(kind, l)]) for kind in "qkv" if (kind, l) in rec.atoms]
+        if parts:
+            atoms = [a for _, items in parts for a, _ in items]
+            yield atoms, _through_head_inputs(patcher, l, parts, rec.x[l], rec.grads)
         if ("mlp", l) in rec.atoms:
             yield [rec.atoms[("mlp", l)][0][0]], rec.grads[("mlp", l)][None]
     if ("logits", cfg.n_layers) in rec.atoms:
@@ -78,14 +77,22 @@ def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: s
         yield [rec.atoms[("logits", cfg.n_layers)][0][0]], full[None]
 
 
-def _through_head_inputs(patcher, layer, kind, heads, x, grad_out) -> Tensor:
-    """d metric / d (each head's own input): the vector-Jacobian product of the per-head projection.
+def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
+    """d metric / d (each head's own input): the vector-Jacobian product of the per-head projection,
+    for a layer's q, k and v heads at once (one copy of the norm per head input).
 
-    x [batch, pos, d_model]; grad_out [batch, pos, n, d_head] -> [n, batch, pos, d_model]."""
+    x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] [batch, pos, head, d_head]
+    -> [n, batch, pos, d_model], in the order of `parts`."""
+    n = sum(len(items) for _, items in parts)
     with torch.enable_grad():
-        xs = x.detach()[:, :, None, :].expand(*x.shape[:2], len(heads), x.shape[-1]).clone().requires_grad_(True)
-        y = patcher.heads.value(layer, kind, heads, xs)  # [batch, pos, n, d_head]
-        g, = torch.autograd.grad(y, xs, grad_out.to(y.dtype))
+        xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
+        outs, cotangents, i = [], [], 0
+        for kind, items in parts:
+            heads = [h for _, h in items]
+            outs.append(patcher.heads.value(layer, kind, heads, xs[:, :, i:i + len(heads)]))  # [batch, pos, n_kind, d_head]
+            cotangents.append(grads[(kind, layer)][:, :, heads].to(outs[-1].dtype))
+            i += len(heads)
+        g, = torch.autograd.grad(outs, xs, cotangents)
     return g.permute(2, 0, 1, 3)  # [n, batch, pos, d_model]
 
 

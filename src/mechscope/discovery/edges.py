@@ -95,13 +95,20 @@ class EdgePatcher:
                                                for s in ("attn.hook_result", "hook_mlp_out")]
         a = self.model.adapter
         seen = {}
-        handles = [a.module(a.final_norm).register_forward_pre_hook(lambda m, args: seen.__setitem__("final", args[0]))]
+
+        def stop(module, args):  # the final norm's input is all we need: no unembedding of every position
+            seen["final"] = args[0]
+            raise _Stop
+
+        handles = [a.module(a.final_norm).register_forward_pre_hook(stop)]
         for l in range(self.n_layers):  # what each MLP reads (resid_mid, or resid_pre on parallel models)
             handles.append(a.module(a.mlp_norm, l).register_forward_pre_hook(
                 lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0])))
         try:
             with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
                 self.model.hf(input_ids=tokens, use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in handles:
                 h.remove()
@@ -192,6 +199,10 @@ class EdgePatcher:
             final = final.clone()
             final[pairs[:, 0]] = at_positions(new, self.batch.read_pos)
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
+
+
+class _Stop(Exception):
+    """Ends a recording forward at the final norm."""
 
 
 def _scatter(wr: Tensor, edges: Tensor, masks: Tensor) -> Tensor:

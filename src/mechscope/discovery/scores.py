@@ -62,10 +62,10 @@ class EdgeScores(Result):
         return Circuit(g, _prune(g, chosen) if prune else chosen)
 
     def compare_to(self, reference) -> dict:
-        """Scores against a known set of nodes (e.g. the heads `mechscope ioi` found: names like
-        "a9.h6" or (layer, head) pairs) or of edge names: ROC AUC of the node (or edge) scores, and
+        """Scores against a known set of nodes (e.g. the heads `mechscope ioi` found: "9.6" as the
+        study names them, "a9.h6", or (layer, head) pairs) or of edge names: ROC AUC of the node (or edge) scores, and
         precision and recall of the top-|reference| items."""
-        ref = {f"a{x[0]}.h{x[1]}" if isinstance(x, (tuple, list)) else str(x) for x in reference}
+        ref = {_node_name(x) for x in reference}
         is_edges = all("->" in r for r in ref)
         items = dict(zip(self.labels["edge"], self.values.abs().tolist())) if is_edges else {
             k: v for k, v in self.node_scores().items() if k != "input"}
@@ -121,6 +121,15 @@ class Circuit:
 
     def __repr__(self) -> str:
         return f"Circuit({len(self)} of {self.graph.n_edges} edges, {len(self.nodes)} nodes)"
+
+
+def _node_name(x) -> str:
+    """(9, 6), "9.6" (the IOI study's names) or "a9.h6" -> "a9.h6"; anything else as it is."""
+    if isinstance(x, (tuple, list)):
+        return f"a{int(x[0])}.h{int(x[1])}"
+    text = str(x)
+    layer, dot, head = text.partition(".")
+    return f"a{layer}.h{head}" if dot and layer.isdigit() and head.isdigit() else text
 
 
 def _top(score: Tensor, n: int) -> Tensor:
