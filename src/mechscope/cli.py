@@ -248,20 +248,15 @@ def discover_command(
             raise InputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
         check_ablation(ablation)
         check_metric_name(metric)
-        if (prompts is None) == (task is None):
-            raise InputError("give either --prompts FILE.jsonl or --task ioi")
-        if task is not None and task != "ioi":
-            raise InputError(f"unknown task {task!r}; the built-in task is ioi")
-        _check_n(n)
+        _check_prompt_source(prompts, task, n)
         if steps < 1:
             raise InputError(f"--steps must be 1 or more, not {steps}")
         if edges is not None and edges < 1:
             raise InputError(f"--edges must be 1 or more, not {edges}")
         if method == "acdc" and (threshold is None or not threshold >= 0):
             raise InputError("--method acdc needs --threshold T (T >= 0, e.g. 0.01)")
-        for f in (prompts, eval_prompts):
-            if f is not None and not f.is_file():
-                raise InputError(f"{f} is not a file; give a JSONL file of prompts")
+        if eval_prompts is not None and not eval_prompts.is_file():
+            raise InputError(f"--eval-prompts {eval_prompts} is not a file; give a JSONL file of prompts")
         files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite)
         m = _load(model)
         batch = _batch(m, prompts, task, n, seed)
@@ -428,16 +423,9 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
     patch_site(site)
     check_direction(direction)
     check_metric_name(metric)
-    if (prompts is None) == (task is None):
-        raise InputError("give either --prompts FILE.jsonl or --task ioi")
-    if task is not None and task != "ioi":
-        raise InputError(f"unknown task {task!r}; the built-in task is ioi")
-    if task is not None:
-        _check_n(n)
+    _check_prompt_source(prompts, task, n)
     if top < 0:
         raise InputError(f"--top must be 0 or more, not {top}")
-    if prompts is not None and not prompts.is_file():
-        raise InputError(f"--prompts {prompts} is not a file; give a JSONL file of prompts")
     refuse_non_regular(out)  # before deriving the report's name from it ("." has none)
     if out.suffix == ".html":
         raise InputError(f"--out {out} names the result JSON; its report is written beside it with .html "
@@ -445,6 +433,20 @@ def _check_patching_args(site: str, out: Path, prompts: Path | None, task: str |
     files = check_outputs([out, out.with_suffix(".html")], inputs=[prompts] if prompts else [], overwrite=overwrite)
     console.print(f"will write {files[0]} and {files[1]}")
     return files
+
+
+def _check_prompt_source(prompts: Path | None, task: str | None, n: int) -> None:
+    """--prompts FILE.jsonl or --task ioi (with --n), checked before any model loads."""
+    from mechscope.errors import InputError
+
+    if (prompts is None) == (task is None):
+        raise InputError("give either --prompts FILE.jsonl or --task ioi")
+    if task is not None and task != "ioi":
+        raise InputError(f"unknown task {task!r}; the built-in task is ioi")
+    if task is not None:
+        _check_n(n)
+    if prompts is not None and not prompts.is_file():
+        raise InputError(f"--prompts {prompts} is not a file; give a JSONL file of prompts")
 
 
 def _check_n(n: int) -> None:

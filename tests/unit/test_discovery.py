@@ -176,6 +176,11 @@ def test_edge_scores_round_trip_and_compare():
     assert roc_auc(torch.tensor([1.0, 1.0]), torch.tensor([False, True])) == 0.5
     with pytest.raises(InputError, match="not nodes"):
         scores.compare_to(["a9.h9"])
+    from mechscope.report import render
+
+    page = render(scores)  # a notebook's view: the top edges, never one heatmap cell per edge
+    assert "Top edges" in page and scores.labels["edge"][int(scores.values.abs().argmax())] in page
+    assert render(back) == page
 
 
 def test_bad_options_are_refused_before_work():

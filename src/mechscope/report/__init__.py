@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mechscope.errors import InputError
 from mechscope.report import html
-from mechscope.report.discovery import discovery_views
+from mechscope.report.discovery import discovery_views, edge_scores_views
 from mechscope.report.positions import positions_views
 from mechscope.report.views import ioi_views, result_views
 
@@ -31,6 +31,9 @@ def render(data) -> str:
         if "curve" in data and "n_edges_total" in data:
             return html.document(f"Circuit of {data['model']} found by {data['method']}", f"{data['n_prompts']} prompts, "
                                  "mechscope discover", discovery_views(data))
+        if data.get("axes") == ["edge"] and "graph" in data.get("extra", {}):
+            return html.document(f"{data['method']} edge scores on {data['model']}", f"{data['n_prompts']} prompts",
+                                 edge_scores_views(data))
         if "values" in data and "axes" in data:
             return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
                                  result_views(data))

@@ -89,3 +89,25 @@ def discovery_views(d: dict) -> list[dict]:
               "rows": [[e["edge"], f"{e['score']:+.5f}"] for e in d["top_edges"][:50]],
               "note": "Score: the estimated change in the metric when the edge alone is ablated."}]
     return views
+
+
+def edge_scores_views(r: dict) -> list[dict]:
+    """An EdgeScores result (a notebook's `scores`, or scores.json): summary, where the scores are,
+    and the top edges; tens of thousands of edges are never drawn one cell each."""
+    graph, extra = r["extra"]["graph"], r["extra"]
+    edges, values = r["labels"]["edge"], r["values"]
+    order = sorted(range(len(values)), key=lambda i: -abs(values[i] or 0.0))
+    nodes: dict[str, float] = {}
+    for name, v in zip(edges, values):
+        writer = name.split("->")[0]
+        nodes[writer] = nodes.get(writer, 0.0) + abs(v or 0.0)
+    items = [["model", r["model"]], ["method", r["method"] + (f" ({extra['steps']} steps)" if extra.get("steps") else "")],
+             ["metric, ablation", f"{r['metric']}, {r['ablation']}"], ["prompts", str(r["n_prompts"])],
+             ["graph", f"{extra['n_nodes']} nodes, {extra['n_edges_total']} edges"], ["time", f"{r['seconds']:.1f} s"]]
+    if r.get("circuit_edges") is not None:
+        items.append(["ACDC's circuit", f"{len(r['circuit_edges'])} edges (threshold {extra.get('threshold')})"])
+    d = {"n_layers": graph["n_layers"], "n_heads": graph["n_heads"], "node_scores": nodes}
+    return [{"type": "summary", "title": "Summary", "items": items}, _heatmaps(d),
+            {"type": "table", "title": "Top edges", "columns": ["edge", "score"],
+             "rows": [[edges[i], f"{values[i]:+.5f}"] for i in order[:50]],
+             "note": "Score: the change in the metric when the edge alone is ablated (estimated by EAP)."}]
