@@ -200,7 +200,7 @@ def smollm2_ioi(smollm2):
     from mechscope.studies import Settings, run_ioi
 
     with torch.no_grad():
-        return run_ioi(smollm2, Settings(n=32, n_path=12, seed=3))
+        return run_ioi(smollm2, Settings(n=32, n_path=10, seed=3))
 
 
 @pytest.fixture(scope="session")

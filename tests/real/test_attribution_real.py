@@ -11,7 +11,7 @@ pytestmark = pytest.mark.real
 
 def test_atp_agrees_with_exact_and_atp_star_repairs_queries_and_keys(smollm2):
     model = smollm2
-    batch = ContrastiveBatch.from_records(model, ioi(8, seed=0, model=model, templates=[0]))
+    batch = ContrastiveBatch.from_records(model, ioi(6, seed=0, model=model, templates=[0]))
     sites = ["head_z", "head_q", "head_k"]
     atp = attribution_patch(model, batch, sites=sites)
     star = attribution_patch(model, batch, sites=sites, method="atp*", graddrop=False)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad"), pytest.mark.
 
 def test_eap_ig_circuit_is_faithful_and_names_the_ioi_heads(smollm2, smollm2_ioi):
     batch = ContrastiveBatch.from_records(smollm2, ioi(24, seed=0, model=smollm2))
-    fresh = ContrastiveBatch.from_records(smollm2, ioi(24, seed=1000, model=smollm2))
+    fresh = ContrastiveBatch.from_records(smollm2, ioi(16, seed=1000, model=smollm2))
     graph = Graph.from_model(smollm2)
     ev = Evaluator(smollm2, batch, graph)
     scores = discover(smollm2, batch, method="eap-ig", evaluator=ev)

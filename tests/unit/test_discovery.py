@@ -191,6 +191,11 @@ def test_bad_options_are_refused_before_work():
                           (dict(method="eap", ablation="noise"), "unknown ablation"), (dict(method="eap", metric="x"), "metric")]:
         with pytest.raises(InputError, match=match):
             discover(model, batch, **kwargs)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    with pytest.raises(InputError, match="another graph, batch, ablation or metric"):
+        discover(model, batch, method="eap", evaluator=ev, metric="kl_div")
+    with pytest.raises(InputError, match="another graph"):
+        discover(model, tiny_batch(model), method="eap", evaluator=ev)
     with pytest.raises(InputError, match="split_qkv"):
         Graph.from_model(tiny_model("llama-gqa"), split_qkv=False)
     scores = discover(model, batch, method="eap")

@@ -46,7 +46,9 @@ def discover(
     memory_mb: int = 2048,
     evaluator: Evaluator | None = None,
 ) -> EdgeScores:
-    """Score every edge of `graph` (default: the whole model, q/k/v split) by `method`."""
+    """Score every edge of `graph` (default: the whole model, q/k/v split) by `method`. An `Evaluator`
+    of the same graph, batch and ablation saves recording the clean and ablated runs again (its
+    metric is the one used)."""
     start = time.perf_counter()
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
@@ -56,7 +58,12 @@ def discover(
         raise InputError(f"steps must be a positive integer, not {steps!r}")
     if method == "acdc" and (threshold is None or not threshold >= 0):
         raise InputError(f"ACDC needs a threshold >= 0 (e.g. threshold=0.01), not {threshold!r}")
-    graph = graph or Graph.from_model(model)
+    graph = graph or (evaluator.graph if evaluator is not None else Graph.from_model(model))
+    if evaluator is not None and (evaluator.graph.to_spec() != graph.to_spec() or evaluator.patcher.batch is not batch
+                                  or evaluator.patcher.ablation != ablation
+                                  or (isinstance(metric, str) and metric != evaluator.metric_name)):
+        raise InputError("this evaluator was built for another graph, batch, ablation or metric; build one with "
+                         "Evaluator(model, batch, graph, ablation=..., metric=...) or leave it out")
     ev = evaluator or Evaluator(model, batch, graph, ablation=ablation, metric=metric, memory_mb=memory_mb)
     extra: dict = {"graph": graph.to_spec(), "n_nodes": graph.n_nodes, "n_edges_total": graph.n_edges,
                    "clean_metric": ev.clean, "empty_metric": ev.empty}

@@ -296,8 +296,12 @@ class _RunState:
             out = out + per_variant[pairs[:, 0], pairs[:, 1]]  # [pairs, batch*pos*d]
         elif self.buf is not None and self.high > self.n_pre:
             own = sub[:, self.n_pre:self.high]  # [k, writer, atom]
-            if bool(own.ne(0).any()):
-                per_variant = torch.bmm(own.transpose(1, 2), self.buf[:, :self.high - self.n_pre])  # [k, atom, b*p*d]
+            cols = own.ne(0).any(2).any(0).nonzero().flatten()  # the writers some pair reads
+            if len(cols):
+                if len(cols) < own.shape[1] // 2:  # few: gather them, rather than read every row
+                    per_variant = torch.bmm(own[:, cols].transpose(1, 2), self.buf[:, cols])  # [k, atom, b*p*d]
+                else:
+                    per_variant = torch.bmm(own.transpose(1, 2), self.buf[:, :self.high - self.n_pre])
                 out = out + per_variant[pairs[:, 0], pairs[:, 1]]
         return out.view(len(pairs), b, pos, d)
 
