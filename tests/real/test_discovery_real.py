@@ -1,8 +1,9 @@
 """Circuit discovery on SmolLM2-135M with IOI prompts (EAP-IG, 5 steps, 24 prompts).
 
-Measured here (closing note of the session that added it): the top 2% of 70,651 edges keep about
-0.35 of the logit difference, a random 2% about 0; faithfulness 0.8 takes about 10,000 edges (14%),
-and holds on fresh prompts. The margins below are a few times the spread over prompt seeds."""
+Measured here: the top 2% of 70,651 edges keep 0.35 of the logit difference (0.15 when found on 16
+prompts, 0.40 on 64), a random 2% 0.00; the top 15% keep 0.88, and 0.85 to 0.89 on fresh prompts;
+faithfulness 0.8 takes about 10,000 edges (14%). The issue's target, 0.8 with at most 2% of the
+edges, is not met on this model (see the session note); the test asserts what holds."""
 
 import pytest
 import torch
