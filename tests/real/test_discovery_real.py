@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mechscope.discovery import Evaluator, Graph, discover
-from mechscope.discovery.scores import Circuit
 from mechscope.tasks import ContrastiveBatch, ioi
 
 pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad"), pytest.mark.filterwarnings("ignore::UserWarning")]

@@ -3,7 +3,6 @@ must find the previous-token head -> induction head key edge and the induction h
 among its top edges, and the head detectors must name the same heads."""
 
 import pytest
-import torch
 
 from mechscope.analysis.heads import head_scores
 from mechscope.discovery import Evaluator, Graph, discover

@@ -34,7 +34,7 @@ from mechscope.metrics import Metric, at_positions, widen
 
 
 def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interpolate: str = "inputs") -> Tensor:
-    """Scores [n_edges] (float64 accumulation of the model's dtype), the mean over `steps` points."""
+    """Scores [n_edges] (in at least float32), the gradient averaged over `steps` points."""
     g = patcher.graph
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
     grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
@@ -109,7 +109,7 @@ class _Recorder:
 
     @contextmanager
     def hooks(self, alpha: float | None):
-        p, model = self.p, self.p.model
+        model = self.p.model
         fwd, bwd, handles, seen = [], [], [], set()
         for (kind, l) in self.atoms:
             if kind in "qkv":

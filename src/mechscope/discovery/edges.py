@@ -317,7 +317,6 @@ class _RunState:
     @contextmanager
     def hooks(self, live_atoms: Tensor):
         p, model, cfg = self.p, self.p.model, self.p.model.cfg
-        k, b = self.k, len(p.batch)
         fwd, handles = [], []
         by_site: dict[tuple[str, int], list[tuple[int, int]]] = {}  # (kind, layer) -> [(atom, head)]
         for a, ((kind, layer, head), _) in enumerate(p.atoms):
