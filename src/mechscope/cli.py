@@ -257,7 +257,8 @@ def discover_command(
             raise InputError("--method acdc needs --threshold T (T >= 0, e.g. 0.01)")
         if eval_prompts is not None and not eval_prompts.is_file():
             raise InputError(f"--eval-prompts {eval_prompts} is not a file; give a JSONL file of prompts")
-        files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite)
+        files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite,
+                               inputs=[f for f in (prompts, eval_prompts) if f is not None])
         m = _load(model)
         batch = _batch(m, prompts, task, n, seed)
         if eval_prompts is not None:
@@ -275,15 +276,16 @@ def discover_command(
     console.print(f"wrote {', '.join(map(str, files))} ({record['seconds']:.1f} s)")
 
 
-def folder_outputs(out: Path, names: list[str], overwrite: bool) -> list[Path]:
-    """A command that writes OUT/<name> for each name: checked before any work, and said."""
+def folder_outputs(out: Path, names: list[str], overwrite: bool, inputs: list[Path] = ()) -> list[Path]:
+    """A command that writes OUT/<name> for each name: checked before any work (never over one of
+    `inputs`), and said."""
     from mechscope.errors import OutputError
     from mechscope.outputs import check_outputs
 
     files = [out / name for name in names]
     if os.path.lexists(out) and not out.is_dir():
         raise OutputError(f"--out {out} exists and is not a folder; give a folder for {', '.join(names)}")
-    check_outputs(files if out.is_dir() else [out], overwrite=overwrite)  # OUT's folder must be writable
+    check_outputs(files if out.is_dir() else [out], inputs=inputs, overwrite=overwrite)  # OUT's folder must be writable
     console.print("will write " + " and ".join(map(str, files)))
     return files
 

@@ -219,6 +219,18 @@ def test_discover_writes_json_scores_and_report(ioi_model_dir, tmp_path):
     assert json.loads((tmp_path / "five" / "discover.json").read_text())["n_circuit_edges"] <= 5
 
 
+def test_discover_never_writes_over_its_prompts(ioi_model_dir, tmp_path):
+    out = tmp_path / "disc"
+    out.mkdir()
+    prompts = out / "discover.json"  # prompts kept, by accident, under the name of an output
+    prompts.write_text(json.dumps({"clean": "a", "corrupt": "b", "answer": " c", "wrong": " d"}) + "\n")
+    before = prompts.read_bytes()
+    done = runner.invoke(app, ["discover", "--model", str(ioi_model_dir), "--prompts", str(prompts), "--out", str(out),
+                               "--overwrite"])
+    assert done.exit_code == 1 and "would destroy the input" in " ".join(done.output.split())
+    assert prompts.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["discover.json"]
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--method", "acdc"], "needs --threshold"), (["--method", "magic"], "--method must be one of"),
     (["--ablation", "noise"], "unknown ablation"), (["--steps", "0"], "--steps must be"),

@@ -29,8 +29,8 @@ class Evaluator:
     """One batch, recorded once; `metric(masks)` is the mean metric of each edge-ablated variant."""
 
     def __init__(self, model: HookedModel, batch: ContrastiveBatch, graph: Graph, *, ablation: str = "corrupt",
-                 metric: str | Metric = "logit_diff", memory_mb: int = 2048, patcher: EdgePatcher | None = None):
-        self.patcher = patcher or EdgePatcher(model, graph, batch, ablation=ablation, memory_mb=memory_mb)
+                 metric: str | Metric = "logit_diff", memory_mb: int = 2048):
+        self.patcher = EdgePatcher(model, graph, batch, ablation=ablation, memory_mb=memory_mb)
         self.graph = graph
         with torch.no_grad():
             clean_read = model.logits_from_resid(self.patcher.clean_final)  # [batch, d_vocab]
