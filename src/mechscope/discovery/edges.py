@@ -65,14 +65,15 @@ class EdgePatcher:
         self.inputs = LayerInputs(model, len(batch))
         with torch.no_grad():
             with self.inputs.recording():
-                clean, self.clean_final = self.writer_outputs(batch.clean)  # [writer, batch, pos, d_model]
-            clean_inputs = self._seen
+                clean, clean_inputs = self.writer_outputs(batch.clean)  # [writer, batch, pos, d_model]
+            self.clean_final = at_positions(clean_inputs["final"], batch.read_pos)  # [batch, d_model]
+            self.ablated_final = None  # without corrupt ablation: known only by running with every edge ablated
             if ablation == "corrupt":
-                ablated, self.ablated_final = self.writer_outputs(batch.corrupt)
+                ablated, ablated_inputs = self.writer_outputs(batch.corrupt)
+                self.ablated_final = at_positions(ablated_inputs["final"], batch.read_pos)
             else:
                 ablated = _mean_over_prompts(self.writer_outputs(batch.corrupt)[0], batch.read_pos) \
                     if ablation == "mean" else torch.zeros_like(clean)
-                self.ablated_final = None  # known only by running with every edge ablated
         self.clean_out, self.ablated_out = clean, ablated
         self.delta = clean - ablated  # [writer, batch, pos, d_model]: what ablating each writer takes away
         # With every writer in the graph, a reader's input with all its edges ablated is the same in
@@ -80,12 +81,12 @@ class EdgePatcher:
         # kept edges is then cheaper as that base plus the kept writers' differences.
         self.full_graph = graph.spec.layers is None and graph.spec.nodes is None
         self.base = self._bases(clean_inputs) if self.full_graph else {}
-        del self._seen
 
     # ---- recording ----------------------------------------------------------------------------
-    def writer_outputs(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Every writer's output on `tokens`, [writer, batch, pos, d_model], and the final residual
-        stream at the read positions, [batch, d_model]."""
+    def writer_outputs(self, tokens: Tensor) -> tuple[Tensor, dict]:
+        """Every writer's output on `tokens`, [writer, batch, pos, d_model], and what the readers
+        outside attention read: {"final": the final norm's input, ("mlp", l): MLP l's norm's input},
+        each [batch, pos, d_model]."""
         store: dict[str, Tensor] = {}
 
         def keep(act, hook):
@@ -112,7 +113,6 @@ class EdgePatcher:
         finally:
             for h in handles:
                 h.remove()
-        self._seen = seen
         out = []
         for w in self.graph.writers:
             if w.kind == "input":
@@ -121,7 +121,7 @@ class EdgePatcher:
                 out.append(store[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head])
             else:
                 out.append(store[f"blocks.{w.layer}.hook_mlp_out"])
-        return torch.stack(out), at_positions(seen["final"], self.batch.read_pos)
+        return torch.stack(out), seen
 
     def _bases(self, clean_inputs: dict) -> dict[int, Tensor]:
         """{reader stage: its input with every edge into it ablated}, [batch, pos, d_model]."""
