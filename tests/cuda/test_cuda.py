@@ -109,3 +109,28 @@ def test_the_studies_match_the_cpu():
     p, q = run_positions(words, s, heads=["2.1"]), run_positions(on_cuda(words), s, heads=["2.1"])
     assert q["accuracy"] == pytest.approx(p["accuracy"], abs=1e-6)
     assert q["causal"]["cross_template_effect"] == pytest.approx(p["causal"]["cross_template_effect"], abs=1e-6)
+
+
+def test_edge_discovery_matches_the_cpu(family):
+    """EAP, EAP-IG, ACDC, edge patching (masks made on the CPU) and a circuit's faithfulness curve."""
+    from mechscope.discovery import EdgePatcher, Evaluator, Graph, discover
+
+    cpu = tiny_model(family)
+    gpu = on_cuda(cpu)
+    tol = device_tol(cpu)
+    for method in ("eap", "eap-ig", "acdc"):
+        with torch.enable_grad():
+            a = discover(cpu, tiny_batch(cpu), method=method, steps=3, threshold=0.01)
+            b = discover(gpu, tiny_batch(gpu), method=method, steps=3, threshold=0.01)
+        close(b.values, a.values, tol)
+        if method == "acdc":
+            assert b.circuit_edges == a.circuit_edges
+    graph = Graph.from_model(cpu)
+    masks = torch.rand(5, graph.n_edges, generator=torch.Generator().manual_seed(0)) < 0.3  # [variant, edge]
+    for ablation in ("corrupt", "mean"):
+        a = EdgePatcher(cpu, graph, tiny_batch(cpu), ablation=ablation).run(masks)
+        b = EdgePatcher(gpu, graph, tiny_batch(gpu), ablation=ablation).run(masks)
+        close(b, a, tol)
+    ca, cb = Evaluator(cpu, tiny_batch(cpu), graph), Evaluator(gpu, tiny_batch(gpu), graph)
+    scores = discover(cpu, tiny_batch(cpu), method="eap")
+    close(cb.curve(scores, sizes=[1, 10, 40])["faithfulness"], ca.curve(scores, sizes=[1, 10, 40])["faithfulness"], tol)

@@ -45,7 +45,7 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
                 grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
             grads[atoms] += grad.flatten(1)
     minus = -patcher.delta.flatten(1)  # [writer, batch*pos*d]: ablated - clean
-    per_atom = (minus @ grads.T).to(wide)  # [writer, atom]
+    per_atom = (minus @ grads.T).to("cpu", wide)  # [writer, atom]: scores live on the CPU
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
     return per_reader[g.edges[:, 0], g.edges[:, 1]] / steps  # [n_edges]
 

@@ -149,7 +149,7 @@ class EdgePatcher:
     def atom_mask(self, masks: Tensor) -> Tensor:
         """Edge masks [k, n_edges] -> [k, writer, atom] (in the model's dtype; gradients pass)."""
         g = self.graph
-        masks = masks.to(self.model.dtype)  # differentiable for a float mask
+        masks = masks.to(self.model.device, self.model.dtype)  # differentiable for a float mask
         wr = masks.new_zeros(masks.shape[0], len(g.writers), len(g.readers))
         wr = _scatter(wr, g.edges, masks)
         return wr[:, :, self.atom_reader]  # [k, writer, atom]
@@ -367,14 +367,15 @@ class _RunState:
         return hook
 
     def _replace_head_input(self, kind: str, layer: int, items: list[tuple[int, int]], layer_atoms: list[int]):
-        mine = torch.tensor([a in {a for a, _ in items} for a in layer_atoms])  # which of the layer's atoms are this kind's
+        ours = {a for a, _ in items}
+        mine = torch.tensor([a in ours for a in layer_atoms], device=self.p.model.device)  # the layer's atoms of this kind
         head_of = {a: h for a, h in items}
 
         def hook(act, _):  # [k * batch, pos, head, d_head]
             all_pairs, inputs, x = self.attention_inputs(layer, layer_atoms)
             keep = mine[all_pairs[:, 1]]
             pairs, inputs, x = all_pairs[keep], inputs[keep], x[keep]  # [pairs, 2], [pairs, batch, pos, d_model] x2
-            h = torch.tensor([head_of[layer_atoms[i]] for i in pairs[:, 1].tolist()], dtype=torch.long)  # [pairs]
+            h = torch.tensor([head_of[layer_atoms[i]] for i in pairs[:, 1].tolist()], device=act.device)  # [pairs]
             new, base = self.p.heads.value_each(layer, kind, h, torch.stack([inputs, x]))  # [pairs, batch, pos, d_head] each
             # The module's own value plus the change: exactly the module's value where nothing is ablated.
             out = act.clone()

@@ -48,9 +48,9 @@ class Evaluator:
         return widen(self.fn(read, self.patcher.batch)).mean(-1)  # [k]
 
     def metric(self, ablated: Tensor) -> Tensor:
-        """ablated [k, n_edges] (1 = ablated) -> mean metric [k]."""
+        """ablated [k, n_edges] (1 = ablated) -> mean metric [k], on the CPU."""
         with torch.no_grad():
-            return self._mean(self.patcher.run(ablated))
+            return self._mean(self.patcher.run(ablated)).cpu()
 
     def faithfulness(self, value: Tensor | float) -> Tensor | float:
         return (value - self.empty) / (self.clean - self.empty)
