@@ -155,6 +155,16 @@ def tiny_model(name: str, seed: int = 0) -> HookedModel:
     return HookedModel(tiny_hf(name, seed), byte_tokenizer())
 
 
+def tiny_othello() -> HookedModel:
+    """A random 2-layer Othello-GPT for a 6x6 board (no training: for the code paths, not the figures)."""
+    from transformers import GPT2LMHeadModel
+
+    from mechscope.organisms.othello.train import model_config
+
+    torch.manual_seed(0)
+    return HookedModel(GPT2LMHeadModel(model_config(6, d_model=32, n_layers=2, n_heads=4)).eval(), tokenizer=None)
+
+
 def tiny_batch(model: HookedModel):
     """Two clean/corrupt pairs of different lengths (right-padded), differing at a few positions."""
     from mechscope.tasks import ContrastiveBatch

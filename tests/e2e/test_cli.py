@@ -182,6 +182,8 @@ def test_othello_commands_write_their_json(tmp_path):
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "p" / "probe.json").read_text())["layers"] == ["embed", "0", "1"]
     assert json.loads((tmp_path / "p" / "intervene.json").read_text())["n_cases"] == 5
+    report = (tmp_path / "p" / "report.html").read_text()
+    assert "A held-out game, move by move" in report and "Interventions, before and after" in report
     again = runner.invoke(app, ["othello", "games", "--n", "50", "--out", str(tmp_path / "g")])
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = runner.invoke(app, ["othello", "train", "--games", str(tmp_path / "g" / "games.json"), "--out", str(tmp_path / "t")])
@@ -190,7 +192,9 @@ def test_othello_commands_write_their_json(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["othello", "games", "--n", "0"], "--n must be between 1"), (["othello", "games", "--size", "7"], "--size is 6 or 8"),
-    (["othello", "evaluate", "--n", "0"], "--n must be between 1"), (["othello", "probe", "--n", "1"], "at least 2 games")])
+    (["othello", "evaluate", "--n", "0"], "--n must be between 1"), (["othello", "probe", "--n", "1"], "at least 2 games"),
+    (["othello", "evaluate", "--size", "8"], "no Othello-GPT ships for a 8x8 board"),
+    (["othello", "probe", "--model", "."], "is not a trained model's folder")])
 def test_othello_refuses_bad_requests_before_work(tmp_path, args, message):
     done = runner.invoke(app, args + ["--out", str(tmp_path / "o")])
     assert done.exit_code == 1 and message in " ".join(done.output.split()) and not (tmp_path / "o").exists()

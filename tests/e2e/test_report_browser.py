@@ -171,3 +171,44 @@ def _ends(edge: str, group: int) -> tuple[str, str]:
         layer, g = node[1:].split(".kv")
         node = f"a{layer}.h{int(g) * group}"
     return w, node
+
+
+def test_othello_report_in_chromium(browser, tmp_path):
+    """The boards: a game whose move slider and layer choice redraw the true and the probed board
+    (the red rings are exactly the squares the probes get wrong), and interventions before/after."""
+    from conftest import tiny_othello
+    from mechscope.organisms.othello import random_games
+    from mechscope.organisms.othello.examples import game_record
+    from mechscope.organisms.othello.probe import intervene, probe_layers
+
+    model, games = tiny_othello(), random_games(40, seed=7)
+    out, probes, acts = probe_layers(model, games)
+    out["example_game"] = rec = game_record(model, random_games(1, seed=9), 0, probes, out["layers"])
+    out["intervene"] = edits = intervene(model, random_games(30, seed=8), probes, games, acts, start=1, n=6, keep=3)
+    acts.close()
+    path = write_report(out, tmp_path / "othello.html")
+    page, errors, requests = open_report(browser, path)
+    assert errors == [] and requests == []
+    assert page.locator("svg.board").count() == 4  # the game (true, probed) and one intervention (before, after)
+    assert page.locator("svg.lines path.series").count() == 4
+    assert page.locator("svg.heatmap rect.cell").count() == 36
+
+    def probed_errors():
+        return page.locator(".board-wrap").nth(1).locator("circle.ring").count()
+
+    for move, layer in ((0, "1"), (7, "1"), (7, "embed"), (len(rec["board"]) - 1, "0")):
+        page.locator(".move-slider").fill(str(move))
+        page.locator(".layer-select").select_option(label=layer)
+        L = rec["layers"].index(layer)
+        wrong = sum(a != b for a, b in zip(rec["reading"][L][move], rec["board"][move]))
+        assert page.locator(".board-title").first.inner_text().startswith(f"after move {move + 1} (")
+        assert probed_errors() == wrong and f"{wrong} of 36 squares" in page.locator(".game-info").inner_text()
+        # the true board: one disc per occupied square
+        assert page.locator(".board-wrap").first.locator("circle.disc").count() == sum(x != 0 for x in rec["board"][move])
+    page.locator(".edit-select").select_option("2")
+    e = edits["examples"][2]
+    after = page.locator(".board-wrap").nth(3)
+    assert after.locator("circle.dot").count() == len(e["intervention"]["top"])
+    assert after.locator("circle.disc.black").count() == sum(x > 0 for x in e["edited"])
+    assert f"case 3: game {e['game']}, move {e['move'] + 1}" in page.locator(".edit-select").inner_text()
+    page.screenshot(path=str(tmp_path / "othello.png"), full_page=True)

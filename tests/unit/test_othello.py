@@ -4,6 +4,7 @@ written here (lists of lists, no bit tricks) on hundreds of random games (800 on
 import numpy as np
 import pytest
 
+from conftest import tiny_othello
 from mechscope.organisms.othello import Games, legal, random_games, replay, squares, start, token_of
 from mechscope.organisms.othello.engine import flips
 
@@ -135,18 +136,6 @@ def test_an_illegal_game_is_refused():
 
 
 # ---- training, probes and interventions on a tiny model --------------------------------------------------
-def tiny_othello():
-    from transformers import GPT2LMHeadModel
-
-    from mechscope import HookedModel
-    from mechscope.organisms.othello.train import model_config
-
-    import torch
-
-    torch.manual_seed(0)
-    return HookedModel(GPT2LMHeadModel(model_config(6, d_model=32, n_layers=2, n_heads=4)).eval(), tokenizer=None)
-
-
 def test_a_few_steps_of_training_lower_the_loss_and_resume(tmp_path):
     import json
 
@@ -172,8 +161,43 @@ def test_probes_and_interventions_run_on_a_tiny_model():
     assert out["layers"] == ["embed", "0", "1"] and len(out["mine_theirs_per_square"][0]) == 36
     for key in ("mine_theirs", "black_white", "random_init_control"):
         assert len(out[key]) == 3 and all(0 <= x <= 1 for x in out[key])
-    edits = intervene(model, random_games(30, seed=8), probes, games, acts, start=1, n=10)
+    edits = intervene(model, random_games(30, seed=8), probes, games, acts, start=1, n=10, keep=3)
     assert edits["n_cases"] == 10 and 0 <= edits["intervention_success"] <= 1
+    assert len(edits["examples"]) == 3
+    for e in edits["examples"]:  # the report's boards, against the plain reference engine
+        changed = [i for i, (a, b) in enumerate(zip(e["board"], e["edited"])) if a != b]
+        assert changed == [e["square"]] and e["edited"][e["square"]] == -e["board"][e["square"]] != 0
+        n = 6
+        grid = [e["edited"][r * n:(r + 1) * n] for r in range(n)]
+        assert e["legal_after"] == ref_legal(grid, e["to_move"]) != e["legal_before"]
+        for kind in ("intervention", "none", "random"):
+            assert len(e[kind]["top"]) == len(e["legal_after"]) and abs(sum(e[kind]["probs"]) - 1) < 1e-3
+
+
+def test_the_report_game_record_is_the_game_as_model_and_probes_see_it():
+    import torch
+
+    from mechscope.organisms.othello.examples import game_record
+    from mechscope.organisms.othello.probe import probe_layers
+
+    model, games = tiny_othello(), random_games(40, seed=7)
+    out, probes, acts = probe_layers(model, games, controls=False)
+    acts.close()
+    game = random_games(1, seed=9)
+    rec = game_record(model, game, 0, probes, out["layers"])
+    T = int((game.tokens[0] > 0).sum())
+    boards, legals = ref_replay([int(squares(6)[t - 1]) for t in game.tokens[0, :T]], 6)
+    assert rec["board"] == boards and rec["legal"] == legals and len(rec["moves"]) == T
+    assert all(abs(sum(p) - 1) < 1e-3 and all(p[c] == 0 for c in (14, 15, 20, 21)) for p in rec["probs"])
+    logits = model(torch.from_numpy(game.tokens[:, :T].astype("int64")))[0]  # [T, vocab]
+    top = logits[:, 1:].argmax(-1).numpy()
+    assert [max(range(36), key=p.__getitem__) for p in rec["probs"]] == squares(6)[top].tolist()
+    site = "blocks.1.hook_resid_post"
+    _, cache = model.run_with_cache(torch.from_numpy(game.tokens[:, :T].astype("int64")))
+    cls = probes[site].predict(cache[site][0]).numpy()  # [T, square] mine / theirs
+    side = [to if to else -m for to, m in zip(rec["to_move"], rec["mover"])]
+    want = [[0 if c == 0 else (s if c == 1 else -s) for c in row] for row, s in zip(cls.tolist(), side)]
+    assert rec["reading"][out["layers"].index("1")] == want
 
 
 def test_the_shipped_model_is_what_its_metadata_says():

@@ -11,6 +11,7 @@ from pathlib import Path
 from mechscope.errors import InputError
 from mechscope.report import html
 from mechscope.report.discovery import discovery_views, edge_scores_views
+from mechscope.report.othello import othello_views
 from mechscope.report.positions import positions_views
 from mechscope.report.views import ioi_views, result_views
 
@@ -34,6 +35,9 @@ def render(data) -> str:
         if data.get("axes") == ["edge"] and "graph" in data.get("extra", {}):
             return html.document(f"{data['method']} edge scores on {data['model']}", f"{data['n_prompts']} prompts",
                                  edge_scores_views(data))
+        if "mine_theirs" in data and "best_layer" in data:
+            return html.document(f"The board inside {data.get('model', 'Othello-GPT')}", f"{data['n_games']} games, "
+                                 "mechscope othello", othello_views(data))
         if "values" in data and "axes" in data:
             return html.document(f"{data['technique']} on {data['model']}", f"{data['n_prompts']} prompts",
                                  result_views(data))
@@ -43,7 +47,8 @@ def render(data) -> str:
     except (TypeError, ValueError, IndexError, AttributeError) as err:
         raise InputError(f"this JSON has a malformed field ({type(err).__name__}: {err}); give an ioi.json or "
                          "a result JSON as mechscope wrote it") from None
-    raise InputError("this is neither a study (ioi.json, positions.json) nor a mechscope result JSON")
+    raise InputError("this is neither a study (ioi.json, positions.json, discover.json, othello's probe.json) nor a "
+                     "mechscope result JSON")
 
 
 def write_report(data, path: str | Path) -> Path:
@@ -67,8 +72,8 @@ def source_file(path: str | Path) -> Path:
     """The JSON a report reads: `path` itself, or the study JSON in a folder a study wrote."""
     path = Path(path)
     if path.is_dir():
-        return next((path / f for f in ("ioi.json", "positions.json", "discover.json") if (path / f).is_file()),
-                    path / "ioi.json")
+        studies = ("ioi.json", "positions.json", "discover.json", "probe.json")
+        return next((path / f for f in studies if (path / f).is_file()), path / "ioi.json")
     return path
 
 
@@ -77,6 +82,14 @@ def load(path: str | Path) -> dict:
     path = source_file(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist; give a result JSON or a directory written by `mechscope ioi`")
+    data = _read_json(path)
+    beside = path.with_name("intervene.json")  # othello: the interventions belong in the probes' report
+    if path.name == "probe.json" and isinstance(data, dict) and beside.is_file():
+        data["intervene"] = _read_json(beside)
+    return data
+
+
+def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:

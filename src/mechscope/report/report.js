@@ -50,10 +50,10 @@
     const rowH = Math.max(8, Math.min(22, Math.floor(560 / rows)));
     const longest = Math.max(...m.cols.map((c) => c.length));
     const left = 70, top = 20 + Math.min(110, 7 * longest);
-    const width = left + cols * cell + 20, height = top + rows * rowH + 30;
+    const width = Math.max(left + cols * cell + 20, 380), height = top + rows * rowH + 30;
     const svg = el("svg:svg", { width, height, class: "heatmap", "data-title": m.title }, parent);
     const flat = m.values.flat().filter((v) => v !== null && !Number.isNaN(v));
-    const scale = m.diverging === false ? 1 : Math.max(1e-9, ...flat.map(Math.abs));
+    const scale = m.scale || (m.diverging === false ? 1 : Math.max(1e-9, ...flat.map(Math.abs)));
     m.values.forEach((row, i) => row.forEach((v, j) => {
       const r = el("svg:rect", { x: left + j * cell, y: top + i * rowH, width: cell - 1, height: rowH - 1,
                                  fill: colour(v, scale, m.diverging !== false), class: "cell",
@@ -83,6 +83,38 @@
     if (note) el("p", { class: "note" }, s, note);
     return s;
   }
+
+  // An Othello board: discs [square] (+1 black, -1 white), shade [square] (probabilities), rings
+  // {square: colour}, dots [squares] (predicted moves); hover names the square.
+  function square(i, size) { return String.fromCharCode(65 + Math.floor(i / size)) + (i % size + 1); }
+  function board(parent, size, o) {
+    const c = 34, pad = 18, W = pad + size * c + 4;
+    const svg = el("svg:svg", { width: W, height: W, class: "board" }, parent);
+    const top = Math.max(1e-9, ...(o.shade || [0]));
+    for (let i = 0; i < size * size; i++) {
+      const x = pad + (i % size) * c, y = pad + Math.floor(i / size) * c, p = o.shade ? o.shade[i] : 0;
+      const cell = el("svg:rect", { x, y, width: c, height: c, class: "square", fill: "#2e7d4f", "data-square": square(i, size) }, svg);
+      if (p > 0) el("svg:rect", { x, y, width: c, height: c, fill: "#ffd34d", "fill-opacity": 0.85 * p / top, "pointer-events": "none" }, svg);
+      if (o.discs[i]) el("svg:circle", { cx: x + c / 2, cy: y + c / 2, r: c * 0.4, class: o.discs[i] > 0 ? "disc black" : "disc white" }, svg);
+      else if (p >= 0.05) el("svg:text", { x: x + c / 2, y: y + c / 2 + 4, "text-anchor": "middle", class: "prob" }, svg, Math.round(100 * p));
+      if (o.rings && o.rings[i]) el("svg:circle", { cx: x + c / 2, cy: y + c / 2, r: c * 0.46, class: "ring", stroke: o.rings[i] }, svg);
+      if (o.dots && o.dots.includes(i)) el("svg:circle", { cx: x + c - 7, cy: y + 7, r: 3.5, class: "dot" }, svg);
+      hover(cell, square(i, size) + (o.shade ? `: next-move probability ${fmt(p)}` : ""));
+    }
+    for (let k = 0; k < size; k++) {
+      el("svg:text", { x: pad + k * c + c / 2, y: 12, "text-anchor": "middle", class: "tick" }, svg, String(k + 1));
+      el("svg:text", { x: 8, y: pad + k * c + c / 2 + 4, "text-anchor": "middle", class: "tick" }, svg, String.fromCharCode(65 + k));
+    }
+    return svg;
+  }
+  function rings(squares, colour) { return Object.fromEntries(squares.map((i) => [i, colour])); }
+  function names(squares, size) { return squares.length ? squares.map((i) => square(i, size)).join(" ") : "none"; }
+  function boardBox(parent, title) {
+    const wrap = el("div", { class: "board-wrap" }, parent);
+    el("div", { class: "board-title" }, wrap, title);
+    return wrap;
+  }
+  const SIDE = { 1: "black", "-1": "white", 0: "nobody (game over)" };
 
   const render = {
     summary(v) {
@@ -197,6 +229,57 @@
         el("span", { class: "swatch", style: `background:${c}` }, item);
         item.appendChild(document.createTextNode(cls));
       });
+    },
+    "othello-game"(v) {
+      const s = section(v.title, v.note);
+      const controls = el("div", { class: "controls" }, s);
+      const slider = el("input", { type: "range", min: 0, max: v.board.length - 1, value: 0, class: "move-slider" },
+                        el("label", {}, controls, "move "));
+      const layer = el("select", { class: "layer-select" }, el("label", {}, controls, " probes at layer "));
+      v.layers.forEach((name, i) => el("option", { value: i }, layer, name));
+      layer.value = v.best;
+      const info = el("p", { class: "note game-info" }, s);
+      const box = el("div", { class: "boards" }, s);
+      const draw = () => {
+        const t = +slider.value, L = +layer.value, n = v.size * v.size, truth = v.board[t], read = v.reading[L][t];
+        const wrong = [...Array(n).keys()].filter((i) => read[i] !== truth[i]);
+        const best = v.probs[t].indexOf(Math.max(...v.probs[t]));
+        box.innerHTML = "";
+        board(boardBox(box, `after move ${t + 1} (${square(v.moves[t], v.size)} by ${SIDE[v.mover[t]]})`), v.size,
+              { discs: truth, shade: v.legal[t].length ? v.probs[t] : null, rings: rings(v.legal[t], "#00e5ff") });
+        board(boardBox(box, `as the probes at layer ${v.layers[L]} read it`), v.size, { discs: read, rings: rings(wrong, "#e53935") });
+        info.textContent = `Move ${t + 1} of ${v.board.length}; ${SIDE[v.to_move[t]]} to move. ` +
+          (v.legal[t].length ? `The model's top move ${square(best, v.size)} is ${v.legal[t].includes(best) ? "legal" : "NOT legal"}` +
+           ` (legal: ${names(v.legal[t], v.size)}). ` : "") +
+          `Probe errors at layer ${v.layers[L]}: ${wrong.length} of ${n} squares${wrong.length ? " (" + names(wrong, v.size) + ")" : ""}.`;
+      };
+      [slider, layer].forEach((x) => x.addEventListener("input", draw));
+      layer.addEventListener("change", draw);
+      draw();
+    },
+    "othello-edits"(v) {
+      const s = section(v.title, v.note);
+      const pick = el("select", { class: "edit-select" }, s);
+      v.examples.forEach((e, i) => el("option", { value: i }, pick,
+        `case ${i + 1}: game ${e.game}, move ${e.move + 1}, flip ${square(e.square, v.size)}`));
+      const info = el("p", { class: "note edit-info" }, s);
+      const box = el("div", { class: "boards" }, s);
+      const draw = () => {
+        const e = v.examples[pick.value], after = e.intervention.top, right = after.join() === [...e.legal_after].sort((a, b) => a - b).join();
+        box.innerHTML = "";
+        board(boardBox(box, "before: no edit"), v.size, { discs: e.board, shade: e.none.probs, dots: e.none.top,
+                                                       rings: rings(e.legal_before, "#00e5ff") });
+        const r = rings(e.legal_after, "#00e5ff");
+        r[e.square] = "#ff2bd6";
+        board(boardBox(box, `after flipping ${square(e.square, v.size)} along the probes`), v.size,
+              { discs: e.edited, shade: e.intervention.probs, dots: after, rings: r });
+        info.textContent = `${SIDE[e.to_move]} to move. Legal before: ${names(e.legal_before, v.size)}; legal after the flip: ` +
+          `${names(e.legal_after, v.size)}. The model predicts ${names(after, v.size)} after the edit (` +
+          `${right ? "exactly right" : "not exactly right"}); with no edit ${names(e.none.top, v.size)}; ` +
+          `with a random direction ${names(e.random.top, v.size)}.`;
+      };
+      pick.addEventListener("change", draw);
+      draw();
     },
     lines(v) {
       const s = section(v.title, v.note);

@@ -29,6 +29,22 @@ def _outputs(out: Path, names: list[str], overwrite: bool, *, n: int, size: int)
     return folder_outputs(out, names, overwrite)
 
 
+def _check_model(folder: Path | None, size: int) -> None:
+    """A --model folder holds a model; without one, a shipped model exists for this board size."""
+    from mechscope.errors import InputError
+    from mechscope.organisms.othello.probe import checkpoint
+
+    if folder is None:
+        try:
+            checkpoint(size)
+        except FileNotFoundError:
+            raise InputError(f"no Othello-GPT ships for a {size}x{size} board; train one with `mechscope othello "
+                             f"train --size {size}` and pass its folder as --model") from None
+    elif not (folder / "config.json").is_file():
+        raise InputError(f"--model {folder} is not a trained model's folder (no config.json); give the --out folder "
+                         "of `mechscope othello train`")
+
+
 def _write(out: Path, files: dict) -> None:
     from mechscope.cli import write_folder
 
@@ -109,6 +125,7 @@ def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 
 
     with _clear_errors():
         files = _outputs(out, ["evaluate.json"], overwrite, n=n, size=size)
+        _check_model(model, size)
         result = {"n_games": n, "seed": seed, **run(_model(model, size).hf, random_games(n, size=size, seed=seed))}
         _write(out, {files[0]: write_json(result, indent=1)})
     console.print(f"top-1 legal {result['top1_legal']:.2%}, legal-set error {result['legal_set_error']:.2%}")
@@ -119,18 +136,24 @@ def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, nam
     from mechscope.cli import _clear_errors, console
     from mechscope.errors import InputError
     from mechscope.organisms.othello import random_games
+    from mechscope.organisms.othello.examples import game_record
     from mechscope.organisms.othello.probe import intervene, probe_layers
+    from mechscope.report import render
     from mechscope.result import write_json
 
     with _clear_errors():
         if n < 2:
             raise InputError(f"--n must be at least 2 games: the probes hold some out, not {n}")
         files = _outputs(out, names, overwrite, n=n, size=size)
+        _check_model(model, size)
         m = _model(model, size)
         t0 = time.perf_counter()
         probe_games = random_games(n, size=size, seed=seed)
         result, probes, acts = probe_layers(m, probe_games, seed=seed, log=lambda text: console.print(f"[dim]{text}[/dim]"))
         result["seconds"] = round(time.perf_counter() - t0, 1)
+        result["model"] = str(model) if model else f"the shipped {size}x{size} Othello-GPT"
+        # a game the probes were not trained on, for the report
+        result["example_game"] = game_record(m, random_games(1, size=size, seed=seed + 2), 0, probes, result["layers"])
         first = m.cfg.n_layers // 2 if start is None else start
         edits = {}
         if cases:
@@ -139,8 +162,9 @@ def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, nam
                               start=first, n=cases, seed=seed)
             edits["seconds"] = round(time.perf_counter() - t0, 1)
         acts.close()
-        data = {"probe.json": result, "intervene.json": edits}
-        _write(out, {f: write_json(data[f.name], indent=1) for f in files})
+        data = {"probe.json": write_json(result, indent=1), "intervene.json": write_json(edits, indent=1),
+                "report.html": render({**result, "intervene": edits})}
+        _write(out, {f: data[f.name] for f in files})
     best = result["layers"].index(result["best_layer"])
     console.print(f"best layer {result['best_layer']}: mine/theirs {result['mine_theirs'][best]:.3f}, black/white "
                   f"{result['black_white'][best]:.3f}, random init {result['random_init_control'][best]:.3f}")
@@ -159,8 +183,8 @@ def probe(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed: int = 
           intervene: Annotated[int, typer.Option(help="Also run this many interventions (0: none).")] = 0,
           start: Start = None, out: OutDir = Path("othello-probe"), overwrite: Overwrite = False) -> None:
     """Board probes at every layer: mine/theirs, black/white and the random-init control; OUT/probe.json
-    (and OUT/intervene.json with --intervene N)."""
-    names = ["probe.json"] + (["intervene.json"] if intervene else [])
+    (and OUT/intervene.json with --intervene N), and OUT/report.html, which draws the boards."""
+    names = ["probe.json"] + (["intervene.json"] if intervene else []) + ["report.html"]
     _probe_and_intervene(model, size, n, seed, intervene, start, out, overwrite, names)
 
 
@@ -169,5 +193,6 @@ def intervene_cmd(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed
                   cases: Annotated[int, typer.Option(help="Positions edited.")] = 200, start: Start = None,
                   out: OutDir = Path("othello-intervene"), overwrite: Overwrite = False) -> None:
     """Flip one square's state through the probes' directions and compare the model's legal moves with
-    the edited board's, against no edit and a random direction: OUT/intervene.json (and probe.json)."""
-    _probe_and_intervene(model, size, n, seed, max(cases, 1), start, out, overwrite, ["probe.json", "intervene.json"])
+    the edited board's, against no edit and a random direction: OUT/intervene.json (and probe.json, report.html)."""
+    _probe_and_intervene(model, size, n, seed, max(cases, 1), start, out, overwrite,
+                         ["probe.json", "intervene.json", "report.html"])

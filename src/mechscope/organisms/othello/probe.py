@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from mechscope.organisms.othello.engine import Games, legal, replay, squares
+from mechscope.organisms.othello.examples import square_probs
 from mechscope.probes.collect import collect
 from mechscope.probes.fit import split_by_group
 
@@ -120,7 +121,7 @@ def probe_layers(model, games: Games, *, controls: bool = True, seed: int = 0, b
     targets = {basis: torch.from_numpy(labels(games, basis))[mask] for basis in BASES}  # [row, square]
     acts = collect(model, tokens, sites, positions=mask, batch_size=batch_size)
     reinit = collect(model.reinitialized(seed), tokens, sites, positions=mask, batch_size=batch_size) if controls else None
-    out: dict = {"layers": ["embed"] + [str(l) for l in range(model.cfg.n_layers)], "n_games": len(games),
+    out: dict = {"layers": ["embed"] + [str(l) for l in range(model.cfg.n_layers)], "size": games.size, "n_games": len(games),
                  "n_rows": len(acts)}
     probes = {}
     for basis in BASES:
@@ -144,10 +145,11 @@ def probe_layers(model, games: Games, *, controls: bool = True, seed: int = 0, b
 
 
 def intervene(model, games: Games, probes: dict, probe_games: Games, acts, *, start: int, n: int = 200,
-              seed: int = 0) -> dict:
+              seed: int = 0, keep: int = 4) -> dict:
     """The intervention experiment of the module docstring on `n` positions of `games` (games the
     probes were not trained on); `probes` and `acts` are what `probe_layers` returned for
-    `probe_games`. `intervene.json` of `mechscope othello intervene`."""
+    `probe_games`. `intervene.json` of `mechscope othello intervene`, with the first `keep` cases in
+    full (boards before and after, each run's top-k moves and move probabilities) for the report."""
     size = games.size
     sq = squares(size)
     rep = replay(games)
@@ -189,9 +191,11 @@ def intervene(model, games: Games, probes: dict, probe_games: Games, acts, *, st
             continue  # the flip must change the legal moves, and leave some
         cases.append((g, t, s, int(rel[g, t, s]), new_set, old))
     results = {"intervention": [], "none": [], "random": []}
+    examples = []  # the first `keep` cases, drawn before and after in the report
     gen = torch.Generator().manual_seed(seed)
     for g, t, s, state, new_set, old in cases:
         target = 2 if state == 1 else 1
+        shown = {}
         tokens = torch.from_numpy(games.tokens[g: g + 1, : t + 1].astype(np.int64))
         for kind in results:
             hooks = []
@@ -212,9 +216,18 @@ def intervene(model, games: Games, probes: dict, probe_games: Games, acts, *, st
                 if kind != "none":
                     hooks.append((site, edit))
             with torch.no_grad():
-                logits = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, t, 1:].float()  # [token - 1]
+                full = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, t].float().cpu()  # [vocab]
+            logits = full[1:]  # [token - 1]: the squares
             top = set(sq[logits.argsort(descending=True)[: len(new_set)].numpy()].tolist())
             results[kind].append(len(top ^ set(new_set)) // 2)  # moves predicted that are not legal
+            shown[kind] = {"top": sorted(top), "probs": np.round(square_probs(full, size), 4).tolist()}
+        if len(examples) < keep:
+            board = rep.board[g, t]
+            examples.append({"game": g, "move": t, "square": s, "to_move": int(rep.to_move[g, t]),
+                             "board": board.astype(int).tolist(),
+                             "edited": np.where(np.arange(size * size) == s, -board, board).astype(int).tolist(),
+                             "legal_before": old, "legal_after": new_set, **shown})
     return {"start_layer": start, "n_cases": len(cases),
             **{f"{k}_success": float(np.mean([e == 0 for e in v])) if v else None for k, v in results.items()},
-            **{f"{k}_mean_errors": float(np.mean(v)) if v else None for k, v in results.items()}}
+            **{f"{k}_mean_errors": float(np.mean(v)) if v else None for k, v in results.items()},
+            "size": size, "examples": examples}
