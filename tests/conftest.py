@@ -136,7 +136,38 @@ def _configs() -> dict:
     }
 
 
-FAMILIES = list(_configs())
+FAMILIES = list(_configs())  # the deep suite: every technique's tests run on each
+
+
+def _more_configs() -> dict:
+    """Families proven by tests/parity/test_families.py alone (the same checks a family must pass,
+    without every technique's own tests). Options that could hide a bug are set off their defaults."""
+    from transformers import (Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, MistralConfig, Phi3Config,
+                              PhiConfig, Qwen3Config, SmolLM3Config, StableLmConfig, Starcoder2Config)
+
+    common = dict(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, intermediate_size=128, bos_token_id=1, eos_token_id=2)
+    return {
+        "mistral": MistralConfig(num_key_value_heads=2, sliding_window=4, **common),
+        "qwen3": Qwen3Config(num_key_value_heads=2, head_dim=16, **common),
+        "gemma": GemmaConfig(num_key_value_heads=1, head_dim=16, **common),
+        "starcoder2": Starcoder2Config(num_key_value_heads=2, use_bias=True, **common),
+        "stablelm": StableLmConfig(num_key_value_heads=2, use_qkv_bias=True, partial_rotary_factor=0.25, **common),
+        "phi3": Phi3Config(num_key_value_heads=2, pad_token_id=0, partial_rotary_factor=0.5, **common),
+        "smollm3": SmolLM3Config(num_key_value_heads=2, no_rope_layers=[1, 0, 1], pad_token_id=0, **common),
+        "gemma2": Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                               attn_logit_softcapping=2.0, final_logit_softcapping=5.0, **common),
+        "phi": PhiConfig(partial_rotary_factor=0.5, **common),
+        "gptj": GPTJConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, rotary_dim=8, vocab_size=VOCAB,
+                           bos_token_id=1, eos_token_id=2),
+        "gpt_bigcode": GPTBigCodeConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, multi_query=True,
+                                        vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
+        "gpt_bigcode-mha": GPTBigCodeConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, multi_query=False,
+                                            vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
+    }
+
+
+ALL_FAMILIES = FAMILIES + list(_more_configs())
 
 
 def tiny_hf(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
@@ -144,7 +175,8 @@ def tiny_hf(name: str, seed: int = 0, dtype: torch.dtype = torch.float64):
     perturbed, so norms are not identities and biases are not zero: nothing in a test holds only
     because a weight is trivial."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_configs()[name])
+    configs = _configs() if name in FAMILIES else _more_configs()
+    model = AutoModelForCausalLM.from_config(configs[name])
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)

@@ -93,6 +93,17 @@ def models_list() -> None:
     console.print(f"cache: {zoo.home()} (set MECHSCOPE_HOME to move it)")
 
 
+@models_app.command("families")
+def models_families() -> None:
+    """The model families mechscope wraps (each proven equal to plain transformers), and the ones it refuses."""
+    from mechscope.models.adapters import families
+
+    table = Table("family", "model_type", "norm", "what sets it apart")
+    for row in families():
+        table.add_row(row["family"], ", ".join(row["model_types"]), row["norm"], row["about"])
+    console.print(table)
+
+
 @models_app.command("fetch")
 def models_fetch(
     alias: str = typer.Argument(..., help="A zoo alias, e.g. smollm2-135m"),

@@ -50,6 +50,15 @@ def test_models_list():
     assert done.exit_code == 0 and "smollm2-135m" in done.output and "gemma3-270m" in done.output
 
 
+def test_models_families_lists_every_adapter_and_the_refused():
+    from mechscope.models.adapters import ADAPTERS, NOT_YET
+
+    done = runner.invoke(app, ["models", "families"], terminal_width=200)
+    assert done.exit_code == 0
+    for name in [a.family for a in ADAPTERS] + list(NOT_YET):
+        assert f"│ {name} " in done.output, name
+
+
 def test_demo_with_an_unreachable_model(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     done = runner.invoke(app, ["demo", "--model", "mechscope-tests/none"])

@@ -123,12 +123,20 @@ def test_config(model):
     assert model.W_U.shape == (64, VOCAB)
 
 
-def test_llama_layout_is_recognized_by_structure():
-    cfg = MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=64, vocab_size=VOCAB)
-    hf = AutoModelForCausalLM.from_config(cfg)
+def test_a_llama_lookalike_is_refused_not_guessed():
+    """Llama's module names do not make a model Llama: OLMo-2 and Granite have them and compute
+    something else (measured: their attn_out/mlp_out would miss 10-25% of the residual stream)."""
+    from transformers import GraniteConfig, Olmo2Config
+
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, vocab_size=VOCAB)
+    hf = AutoModelForCausalLM.from_config(MistralConfig(**small))
     hf.config.model_type = "some_new_llama_like"
-    assert HookedModel(hf).cfg.family == "llama"
+    with pytest.raises(UnsupportedModelError, match="model_type='some_new_llama_like'.*Supported model types"):
+        HookedModel(hf)
+    for config, why in ((Olmo2Config(**small), "norms come after attention"), (GraniteConfig(**small), "multipliers")):
+        with pytest.raises(UnsupportedModelError, match=why):
+            HookedModel(AutoModelForCausalLM.from_config(config))
 
 
 def test_unsupported_architecture():

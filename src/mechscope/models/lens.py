@@ -76,3 +76,12 @@ def chunk(i: int, n: int) -> Lens:
         return torch.cat(parts, dim=-1)
 
     return Lens(get=get, put=put)
+
+
+def span(start: int, stop: int) -> Lens:
+    """Columns start:stop of the last dimension (fused projections whose parts differ in size)."""
+
+    def put(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v[..., :start], a.reshape(*v.shape[:-1], stop - start), v[..., stop:]], dim=-1)
+
+    return Lens(get=lambda v: v[..., start:stop], put=put)

@@ -1,4 +1,7 @@
-"""One adapter per model family; `adapter_for` picks the one that fits a Hugging Face model."""
+"""One adapter per model family; `adapter_for` picks the one whose `model_types` holds the model's
+`config.model_type`. Only families proven by the family parity tests are accepted: a model that
+merely has Llama's module names may compute something else (norms after attention, multipliers on
+the residual stream), and wrapping it would give hook values that are not what the model adds."""
 
 from __future__ import annotations
 
@@ -6,25 +9,40 @@ from torch import nn
 
 from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, ModelConfig
-from mechscope.models.adapters.gemma import Gemma3Adapter
-from mechscope.models.adapters.gpt2 import GPT2Adapter
+from mechscope.models.adapters.gemma import Gemma2Adapter, Gemma3Adapter
+from mechscope.models.adapters.gpt2 import GPT2Adapter, GPTBigCodeAdapter
 from mechscope.models.adapters.llama import LlamaAdapter
 from mechscope.models.adapters.neox import NeoXAdapter
+from mechscope.models.adapters.parallel import GPTJAdapter, PhiAdapter
+from mechscope.models.adapters.variants import VARIANTS
 
-ADAPTERS: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, Gemma3Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, Gemma3Adapter, Gemma2Adapter, *VARIANTS,
+                                       GPTBigCodeAdapter, GPTJAdapter, PhiAdapter)
+
+# Families that look like a supported one but compute something else: why each is refused.
+NOT_YET = {
+    "olmo2": "its norms come after attention and the MLP (not before), and its q/k norms span all heads",
+    "granite": "it scales embeddings, attention and each residual write by multipliers",
+    "olmo": "its LayerNorm has no weights and rounds to float32, and clip_qkv clamps q/k/v after the projections",
+    "cohere": "attention and MLP read one norm in parallel and the logits are scaled",
+    "opt": "its MLP runs on the stream flattened to [batch * pos, d_model], so its sites have no position axis",
+    "gpt_neo": "its attention is not Hugging Face's pluggable kind, so hook_pattern cannot be read there",
+}
 
 
-def _has_layout(model: nn.Module, adapter: type[Adapter]) -> bool:
-    """Whether a model has every module an adapter names (for families we don't list by name)."""
-    try:
-        layer = model.get_submodule(adapter.layers)[0]
-        for path in (adapter.embed, adapter.final_norm):
-            model.get_submodule(path)
-        for path in (adapter.out_proj, adapter.down_proj, adapter.mlp_norm, "self_attn.q_proj"):
-            layer.get_submodule(path)
-    except (AttributeError, IndexError, TypeError):
-        return False
-    return True
+def families() -> list[dict]:
+    """The supported families and the ones refused for now, with what sets each apart (from the
+    adapters themselves: `mechscope models families` and the README table read this)."""
+    import sys
+
+    rows = []
+    for a in ADAPTERS:
+        about = (a.__doc__ or sys.modules[a.__module__].__doc__ or "").strip().split("\n\n")[0]
+        rows.append({"family": a.family, "model_types": list(a.model_types), "norm": a.norm_kind,
+                     "supported": True, "about": " ".join(about.split())})
+    rows += [{"family": t, "model_types": [t], "norm": "", "supported": False, "about": f"refused: {why}"}
+             for t, why in NOT_YET.items()]
+    return rows
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -32,17 +50,14 @@ def adapter_for(model: nn.Module) -> Adapter:
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter(model)
-    # Any decoder with Llama's module names (Mistral-likes, Qwen-likes, ...) works as Llama.
-    if _has_layout(model, LlamaAdapter) and not hasattr(model.get_submodule("model.layers")[0],
-                                                        "pre_feedforward_layernorm"):
-        return LlamaAdapter(model)
-    supported = ", ".join(f"{a.family} ({'/'.join(a.model_types)})" for a in ADAPTERS)
+    supported = ", ".join(sorted(t for a in ADAPTERS for t in a.model_types))
+    why = f" It is not supported yet: {NOT_YET[model_type]}." if model_type in NOT_YET else ""
     raise UnsupportedModelError(
-        f"mechscope has no adapter for {type(model).__name__} (model_type={model_type!r}). "
-        f"Supported families: {supported}, and any model with Llama's module layout. "
-        "To add one, write src/mechscope/models/adapters/<family>.py after llama.py and add it to "
-        "ADAPTERS in src/mechscope/models/adapters/__init__.py."
+        f"mechscope has no adapter for {type(model).__name__} (model_type={model_type!r}).{why} "
+        f"Supported model types: {supported}. "
+        "To add one, write src/mechscope/models/adapters/<family>.py after llama.py (or an entry in "
+        "variants.py), add it to ADAPTERS, and prove it in tests/parity/test_families.py."
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "ModelConfig", "adapter_for"]
+__all__ = ["ADAPTERS", "Adapter", "ModelConfig", "adapter_for", "families"]

@@ -72,7 +72,11 @@ class Adapter:
 
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model
+        self.check()
         self.cfg = self._config()
+
+    def check(self) -> None:
+        """Raise UnsupportedModelError for options of the family that its tests do not prove."""
 
     # ---- per family -------------------------------------------------------------------------
     def qkv(self) -> dict[str, Place]:

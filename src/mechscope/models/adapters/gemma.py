@@ -36,3 +36,18 @@ class Gemma3Adapter(LlamaAdapter):
         return {"q": (Place("self_attn.q_proj", heads(d)), "self_attn.q_norm"),
                 "k": (Place("self_attn.k_proj", heads(d)), "self_attn.k_norm"),
                 "v": (Place("self_attn.v_proj", heads(d)), None)}
+
+
+class Gemma2Adapter(Gemma3Adapter):
+    """Gemma 2: Gemma 3's sandwich norms without q/k norms; attention logits soft-capped inside its
+    eager attention (hook_pattern is read after the cap and the softmax) and final logits soft-capped
+    (`logits_from_resid` applies the cap too). Direct logit attribution is before the final cap."""
+
+    family = "gemma2"
+    model_types = ("gemma2",)
+
+    def qkv(self) -> dict[str, Place]:
+        return LlamaAdapter.qkv(self)
+
+    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
+        return {name: (place, None) for name, place in self.qkv().items()}

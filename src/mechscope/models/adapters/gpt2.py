@@ -1,10 +1,15 @@
-"""GPT-2: fused q/k/v projection (Conv1D), learned positions, LayerNorm."""
+"""GPT-2: fused q/k/v projection (Conv1D), learned positions, LayerNorm; and GPT-BigCode, laid out
+like it."""
 
-from mechscope.models.adapters.base import Adapter, Place
-from mechscope.models.lens import FIRST, OUT, chunk, heads
+from dataclasses import replace
+
+from mechscope.models.adapters.base import Adapter, ModelConfig, Place
+from mechscope.models.lens import FIRST, OUT, chunk, heads, span
 
 
 class GPT2Adapter(Adapter):
+    """GPT-2: fused q/k/v projection (Conv1D), learned positions, LayerNorm."""
+
     family = "gpt2"
     model_types = ("gpt2",)
     norm_kind = "layernorm"
@@ -25,3 +30,24 @@ class GPT2Adapter(Adapter):
     def qkv(self) -> dict[str, Place]:
         d = self.cfg.d_head
         return {name: Place("attn.c_attn", chunk(i, 3) >> heads(d)) for i, name in enumerate("qkv")}
+
+
+class GPTBigCodeAdapter(GPT2Adapter):
+    """GPT-BigCode (StarCoder 1, SantaCoder): GPT-2's layout with Linear layers and, with multi-query
+    attention, one key/value head: c_attn holds q (all heads), then k, then v."""
+
+    family = "gpt_bigcode"
+    model_types = ("gpt_bigcode",)
+
+    def _config(self) -> ModelConfig:
+        cfg = super()._config()
+        return replace(cfg, n_kv_heads=1 if self.hf.config.multi_query else cfg.n_heads)
+
+    def qkv(self) -> dict[str, Place]:
+        d = self.cfg.d_head
+        if not self.hf.config.multi_query:  # per head: q, k, v side by side
+            return {name: Place("attn.c_attn", heads(3 * d) >> chunk(i, 3)) for i, name in enumerate("qkv")}
+        q = self.cfg.n_heads * d
+        return {"q": Place("attn.c_attn", span(0, q) >> heads(d)), "k": Place("attn.c_attn", span(q, q + d) >> heads(d)),
+                "v": Place("attn.c_attn", span(q + d, q + 2 * d) >> heads(d))}
+

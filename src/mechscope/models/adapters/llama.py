@@ -1,4 +1,4 @@
-"""Llama-like models (Llama, Mistral, Qwen2, SmolLM2, ...): separate q/k/v, rotary, RMSNorm, GQA."""
+"""Llama-like models (Llama, Mistral with its sliding windows, Qwen2, SmolLM2): separate q/k/v, rotary, RMSNorm, GQA."""
 
 from mechscope.models.adapters.base import Adapter, Place
 from mechscope.models.lens import FIRST, OUT, heads

@@ -1,0 +1,63 @@
+"""Families whose attention and MLP read one norm of the same stream and add to it together
+(parallel residual, as GPT-J introduced): GPT-J and Phi (1, 1.5, 2). There is no resid_mid."""
+
+from mechscope.errors import UnsupportedModelError
+from mechscope.models.adapters.base import Adapter, Place
+from mechscope.models.lens import FIRST, OUT, heads
+
+
+class GPTJAdapter(Adapter):
+    """GPT-J: one LayerNorm read by attention and MLP in parallel, partial rotary, no attention biases."""
+
+    family = "gptj"
+    model_types = ("gptj",)
+    norm_kind = "layernorm"
+
+    embed = "transformer.wte"
+    layers = "transformer.h"
+    final_norm = "transformer.ln_f"
+
+    attn = "attn"
+    out_proj = "attn.out_proj"
+    attn_norm = "ln_1"
+    down_proj = "mlp.fc_out"
+    mlp_norm = "ln_1"  # the MLP reads the same norm's output
+    attn_out = Place("attn", FIRST)
+    mlp_out = Place("mlp", OUT)
+
+    def parallel_residual(self) -> bool:
+        return True
+
+    def qkv(self) -> dict[str, Place]:
+        return {name: Place(f"attn.{name}_proj", heads(self.cfg.d_head)) for name in "qkv"}
+
+
+class PhiAdapter(Adapter):
+    """Phi (1, 1.5, 2): GPT-J's parallel layout with Llama's names, biases, partial rotary."""
+
+    family = "phi"
+    model_types = ("phi",)
+    norm_kind = "layernorm"
+
+    embed = "model.embed_tokens"
+    layers = "model.layers"
+    final_norm = "model.final_layernorm"
+
+    attn = "self_attn"
+    out_proj = "self_attn.dense"
+    attn_norm = "input_layernorm"
+    down_proj = "mlp.fc2"
+    mlp_norm = "input_layernorm"
+    attn_out = Place("self_attn", FIRST)
+    mlp_out = Place("mlp", OUT)
+
+    def check(self) -> None:
+        if self.hf.config.qk_layernorm:
+            raise UnsupportedModelError("Phi with qk_layernorm is not supported yet: the family tests cover it "
+                                        "without q/k norms")
+
+    def parallel_residual(self) -> bool:
+        return True
+
+    def qkv(self) -> dict[str, Place]:
+        return {name: Place(f"self_attn.{name}_proj", heads(self.cfg.d_head)) for name in "qkv"}

@@ -1,0 +1,79 @@
+"""Families that are Llama with a difference or two: each entry names only what differs. Every
+entry is proven by the family parity tests (tests/parity/test_families.py) on a tiny model of that
+family's own config class; options those tests do not cover are refused (`check`)."""
+
+from mechscope.errors import UnsupportedModelError
+from mechscope.models.adapters.base import Place
+from mechscope.models.adapters.llama import LlamaAdapter
+from mechscope.models.lens import OUT, heads, span
+
+
+class Qwen3Adapter(LlamaAdapter):
+    """Qwen3: RMSNorm on each head's q and k (after the projection, before rotary)."""
+
+    family = "qwen3"
+    model_types = ("qwen3",)
+
+    def qkv(self) -> dict[str, Place]:
+        # q_norm / k_norm run on [batch, pos, head, d_head]; hook_q / hook_k are their outputs.
+        return {"q": Place("self_attn.q_norm", OUT), "k": Place("self_attn.k_norm", OUT),
+                "v": Place("self_attn.v_proj", heads(self.cfg.d_head))}
+
+    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
+        d = self.cfg.d_head
+        return {"q": (Place("self_attn.q_proj", heads(d)), "self_attn.q_norm"),
+                "k": (Place("self_attn.k_proj", heads(d)), "self_attn.k_norm"),
+                "v": (Place("self_attn.v_proj", heads(d)), None)}
+
+
+class GemmaAdapter(LlamaAdapter):
+    """Gemma (1): RMSNorm as x / rms * (1 + w), embeddings scaled by sqrt(d_model) inside the module."""
+
+    family = "gemma"
+    model_types = ("gemma",)
+    norm_kind = "rmsnorm_plus_one"
+
+
+class Starcoder2Adapter(LlamaAdapter):
+    """StarCoder2: LayerNorm, biases, a plain (ungated) MLP c_fc -> c_proj."""
+
+    family = "starcoder2"
+    model_types = ("starcoder2",)
+    norm_kind = "layernorm"
+    down_proj = "mlp.c_proj"
+
+
+class StableLmAdapter(LlamaAdapter):
+    """StableLM: LayerNorm, partial rotary (rotary lives inside attention: nothing to name)."""
+
+    family = "stablelm"
+    model_types = ("stablelm",)
+    norm_kind = "layernorm"
+
+    def check(self) -> None:
+        c = self.hf.config
+        if c.qk_layernorm or c.use_parallel_residual:
+            raise UnsupportedModelError("StableLM with qk_layernorm or use_parallel_residual is not supported yet: "
+                                        "the family tests cover the sequential model without q/k norms")
+
+
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: one fused q|k|v projection (q, then k, then v, each contiguous) and a fused gate|up."""
+
+    family = "phi3"
+    model_types = ("phi3",)
+
+    def qkv(self) -> dict[str, Place]:
+        d, q, kv = self.cfg.d_head, self.cfg.n_heads * self.cfg.d_head, self.cfg.n_kv_heads * self.cfg.d_head
+        bounds = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        return {name: Place("self_attn.qkv_proj", span(a, b) >> heads(d)) for name, (a, b) in bounds.items()}
+
+
+class SmolLM3Adapter(LlamaAdapter):
+    """SmolLM3: Llama's modules; some layers skip rotary (NoPE), which happens inside attention."""
+
+    family = "smollm3"
+    model_types = ("smollm3",)
+
+
+VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter)

@@ -1,0 +1,119 @@
+"""Every supported family, proven on a tiny random model of its own config class (float64, every
+weight perturbed, options off their defaults where they could hide a bug): what a family must pass
+to be listed as supported. The deep suite (every technique's own tests) runs on FAMILIES; the
+families added after it pass these, in ALL_FAMILIES."""
+
+import pytest
+import torch
+
+from conftest import ALL_FAMILIES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
+from mechscope import HookedModel
+from mechscope.models.adapters import ADAPTERS
+
+pytestmark = pytest.mark.usefixtures("no_grad")
+TOKENS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=ALL_FAMILIES)
+def pair(request):
+    """(the plain Hugging Face model, the same model wrapped in memory)."""
+    hf = tiny_hf(request.param)
+    return hf, HookedModel(hf, byte_tokenizer())
+
+
+def test_every_family_in_the_tests_is_an_adapter():
+    tested = {HookedModel(tiny_hf(f), byte_tokenizer()).cfg.family for f in ALL_FAMILIES}
+    assert tested == {a.family for a in ADAPTERS}
+
+
+def test_logits_are_plain_transformers_and_inert_hooks_change_nothing(pair):
+    hf, model = pair
+    plain = hf(input_ids=TOKENS).logits
+    assert torch.equal(model(TOKENS), plain)
+    inert = [(n, lambda act, hook: None) for n in model.hook_names if not n.endswith("hook_pattern")]
+    assert torch.equal(model.run_with_hooks(TOKENS, fwd_hooks=inert), plain)
+    own = hf.config._attn_implementation  # sdpa, or eager where the family has no other (Gemma 2)
+    hf.config._attn_implementation = "eager"
+    eager = hf(input_ids=TOKENS).logits
+    hf.config._attn_implementation = own
+    every = [(n, lambda act, hook: None) for n in model.hook_names]
+    assert torch.equal(model.run_with_hooks(TOKENS, fwd_hooks=every), eager)
+
+
+def test_every_hook_reads_what_the_module_computes(pair):
+    """Heads' results sum to attn_out, z through W_O is attn_out, mlp.hook_post through the down
+    projection is mlp_out, and the residual stream is the sum of what is added to it."""
+    _, model = pair
+    a, tol = model.adapter, exact_for(model)
+    _, cache = model.run_with_cache(TOKENS, names_filter=lambda name: True)  # hook_result too
+    for l in range(model.cfg.n_layers):
+        attn_out = cache[f"blocks.{l}.hook_attn_out"]
+        result = cache[f"blocks.{l}.attn.hook_result"]  # [batch, pos, head, d_model]
+        torch.testing.assert_close(a.attn_out_from_results(l, result), attn_out, **tol)
+        torch.testing.assert_close(a.attn_out_from_results(l, a.head_results(l, cache[f"blocks.{l}.attn.hook_z"])),
+                                   attn_out, **tol)
+        if a.attn_post_norm is None:  # (Gemma 3's MLP writes through a norm after the down projection)
+            down = a.module(a.down_proj, l)
+            torch.testing.assert_close(down(cache[f"blocks.{l}.mlp.hook_post"]), cache[f"blocks.{l}.hook_mlp_out"], **tol)
+        pre, post = cache[f"blocks.{l}.hook_resid_pre"], cache[f"blocks.{l}.hook_resid_post"]
+        if model.cfg.parallel_residual:
+            torch.testing.assert_close(pre + attn_out + cache[f"blocks.{l}.hook_mlp_out"], post, **tol)
+        else:
+            mid = cache[f"blocks.{l}.hook_resid_mid"]
+            torch.testing.assert_close(pre + attn_out, mid, **tol)
+            torch.testing.assert_close(mid + cache[f"blocks.{l}.hook_mlp_out"], post, **tol)
+    q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
+    assert q.shape == (*TOKENS.shape, model.cfg.n_heads, model.cfg.d_head)
+    assert k.shape == (*TOKENS.shape, model.cfg.n_kv_heads, model.cfg.d_head)
+
+
+def test_writing_every_activation_back_changes_nothing(pair):
+    _, model = pair
+    names = [n for n in model.hook_names if not n.endswith("hook_pattern")]
+    logits, cache = model.run_with_cache(TOKENS, names_filter=names)
+    back = model.run_with_hooks(TOKENS, fwd_hooks=[(n, lambda act, hook: cache[hook.name].clone()) for n in names])
+    torch.testing.assert_close(back, logits, **exact_for(model))
+
+
+def test_writes_act_and_in_place_edits_equal_returned_ones(pair):
+    """Every site of layer 1 and every global site: an edit changes the logits, and `act.mul_`
+    returning None gives exactly what returning `act * 0.9` gives."""
+    _, model = pair
+    base = model(TOKENS)
+
+    def in_place(act, hook):
+        act.mul_(0.9)
+
+    for name in [n for n in model.hook_names if n.startswith("blocks.1.") or not n.startswith("blocks.")]:
+        returned = model.run_with_hooks(TOKENS, fwd_hooks=[(name, lambda act, hook: act * 0.9)])
+        edited = model.run_with_hooks(TOKENS, fwd_hooks=[(name, in_place)])
+        assert not torch.allclose(returned, base), name
+        assert torch.equal(edited, returned), name
+
+
+def test_patching_equals_the_naive_reference_and_attribution_runs(pair):
+    from test_patching import naive_patch
+
+    from mechscope.patching import activation_patch, attribution_patch
+
+    _, model = pair
+    batch = tiny_batch(model)
+    for site in ("head_z", "resid_pre", "mlp_out"):
+        fast = activation_patch(model, batch, site=site, memory_mb=1)
+        slow = naive_patch(model, batch, site, "denoise", False)
+        torch.testing.assert_close(fast.values.reshape(slow.shape), slow, **exact_for(model))
+    with torch.enable_grad():
+        atp = attribution_patch(model, batch, sites=["head_z"])["head_z"]
+    assert atp.values.shape == (model.cfg.n_layers, model.cfg.n_heads) and atp.values.isfinite().all()
+
+
+def test_edge_patching_ends_at_the_clean_and_the_corrupt_run(pair):
+    from mechscope.discovery import Evaluator, Graph
+    from mechscope.metrics import read_logits
+
+    _, model = pair
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    out = ev.patcher.run(torch.tensor([[0] * ev.graph.n_edges, [1] * ev.graph.n_edges], dtype=torch.bool))
+    torch.testing.assert_close(out[0], read_logits(model(batch.clean), batch), **exact_for(model))
+    torch.testing.assert_close(out[1], read_logits(model(batch.corrupt), batch), **exact_for(model))
