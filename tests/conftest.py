@@ -142,11 +142,13 @@ FAMILIES = list(_configs())  # the deep suite: every technique's tests run on ea
 def _more_configs() -> dict:
     """Families proven by tests/parity/test_families.py alone (the same checks a family must pass,
     without every technique's own tests). Options that could hide a bug are set off their defaults."""
-    from transformers import (Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, MistralConfig, Phi3Config,
-                              PhiConfig, Qwen3Config, SmolLM3Config, StableLmConfig, Starcoder2Config)
+    from transformers import (Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, MistralConfig, MixtralConfig,
+                              Phi3Config, PhiConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SmolLM3Config,
+                              StableLmConfig, Starcoder2Config)
 
     common = dict(vocab_size=VOCAB, max_position_embeddings=64, hidden_size=64, num_hidden_layers=3,
                   num_attention_heads=4, intermediate_size=128, bos_token_id=1, eos_token_id=2)
+    moe = dict(experts_implementation="eager")  # the default grouped matmul has no float64 kernel
     return {
         "mistral": MistralConfig(num_key_value_heads=2, sliding_window=4, **common),
         "qwen3": Qwen3Config(num_key_value_heads=2, head_dim=16, **common),
@@ -157,6 +159,12 @@ def _more_configs() -> dict:
         "smollm3": SmolLM3Config(num_key_value_heads=2, no_rope_layers=[1, 0, 1], pad_token_id=0, **common),
         "gemma2": Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
                                attn_logit_softcapping=2.0, final_logit_softcapping=5.0, **common),
+        "mixtral": MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **moe, **common),
+        "qwen2_moe": Qwen2MoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                    norm_topk_prob=True, **moe, **common),
+        "qwen3_moe": Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=32, **moe, **common),
         "phi": PhiConfig(partial_rotary_factor=0.5, **common),
         "gptj": GPTJConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, rotary_dim=8, vocab_size=VOCAB,
                            bos_token_id=1, eos_token_id=2),

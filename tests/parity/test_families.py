@@ -9,6 +9,7 @@ import torch
 from conftest import ALL_FAMILIES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
 from mechscope import HookedModel
 from mechscope.models.adapters import ADAPTERS
+from mechscope.models.adapters.base import norm_apply
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 TOKENS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -42,7 +43,9 @@ def test_logits_are_plain_transformers_and_inert_hooks_change_nothing(pair):
 
 def test_every_hook_reads_what_the_module_computes(pair):
     """Heads' results sum to attn_out, z through W_O is attn_out, mlp.hook_post through the down
-    projection is mlp_out, and the residual stream is the sum of what is added to it."""
+    projection is mlp_out, the residual stream is the sum of what is added to it, the norm before
+    attention is its input over ln1.hook_scale, and mlp.hook_post is the activation of mlp.hook_pre
+    (times mlp.hook_pre_linear, for gated MLPs)."""
     _, model = pair
     a, tol = model.adapter, exact_for(model)
     _, cache = model.run_with_cache(TOKENS, names_filter=lambda name: True)  # hook_result too
@@ -52,7 +55,8 @@ def test_every_hook_reads_what_the_module_computes(pair):
         torch.testing.assert_close(a.attn_out_from_results(l, result), attn_out, **tol)
         torch.testing.assert_close(a.attn_out_from_results(l, a.head_results(l, cache[f"blocks.{l}.attn.hook_z"])),
                                    attn_out, **tol)
-        if a.attn_post_norm is None:  # (Gemma 3's MLP writes through a norm after the down projection)
+        if a.attn_post_norm is None and f"blocks.{l}.mlp.hook_post" in model.hook_names:  # (not Gemma 3's
+            # post-norm, nor a mixture of experts)
             down = a.module(a.down_proj, l)
             torch.testing.assert_close(down(cache[f"blocks.{l}.mlp.hook_post"]), cache[f"blocks.{l}.hook_mlp_out"], **tol)
         pre, post = cache[f"blocks.{l}.hook_resid_pre"], cache[f"blocks.{l}.hook_resid_post"]
@@ -62,6 +66,17 @@ def test_every_hook_reads_what_the_module_computes(pair):
             mid = cache[f"blocks.{l}.hook_resid_mid"]
             torch.testing.assert_close(pre + attn_out, mid, **tol)
             torch.testing.assert_close(mid + cache[f"blocks.{l}.hook_mlp_out"], post, **tol)
+    for l in range(model.cfg.n_layers):  # the norms' scales and the MLP's pre-activations
+        pre = cache[f"blocks.{l}.hook_resid_pre"]
+        norm = a.module(a.attn_norm, l)
+        torch.testing.assert_close(norm_apply(a.norm_kind, norm, pre, cache[f"blocks.{l}.ln1.hook_scale"]), norm(pre), **tol)
+        mlp = a.module(a.down_proj.rsplit(".", 1)[0], l) if "." in a.down_proj else None
+        if mlp is not None and f"blocks.{l}.mlp.hook_pre" in model.hook_names:
+            act = next(getattr(mlp, n) for n in ("act_fn", "act", "activation_fn") if hasattr(mlp, n))
+            post = act(cache[f"blocks.{l}.mlp.hook_pre"])
+            if a.mlp_pre_linear is not None:
+                post = post * cache[f"blocks.{l}.mlp.hook_pre_linear"]
+            torch.testing.assert_close(post, cache[f"blocks.{l}.mlp.hook_post"], **tol)
     q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
     assert q.shape == (*TOKENS.shape, model.cfg.n_heads, model.cfg.d_head)
     assert k.shape == (*TOKENS.shape, model.cfg.n_kv_heads, model.cfg.d_head)
@@ -117,3 +132,25 @@ def test_edge_patching_ends_at_the_clean_and_the_corrupt_run(pair):
     out = ev.patcher.run(torch.tensor([[0] * ev.graph.n_edges, [1] * ev.graph.n_edges], dtype=torch.bool))
     torch.testing.assert_close(out[0], read_logits(model(batch.clean), batch), **exact_for(model))
     torch.testing.assert_close(out[1], read_logits(model(batch.corrupt), batch), **exact_for(model))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_the_router_site_is_the_routing_and_a_zeroed_expert_is_gone(family):
+    """hook_router holds each token's top-k weights (k nonzero per token); zeroing an expert's column
+    there gives exactly the model whose expert has a zero down projection (an independent ablation)."""
+    hf = tiny_hf(family)
+    model = HookedModel(hf, byte_tokenizer())
+    k = hf.config.num_experts_per_tok
+    _, cache = model.run_with_cache(TOKENS, names_filter=["blocks.0.mlp.hook_router"])
+    route = cache["blocks.0.mlp.hook_router"]  # [batch, pos, expert]
+    assert route.shape == (*TOKENS.shape, model.adapter.n_experts()) and ((route != 0).sum(-1) == k).all()
+    assert (route[..., 1] != 0).any()  # expert 1 serves some tokens: its removal is a real change
+    before = model(TOKENS)
+
+    def drop(act, hook):
+        act[..., 1] = 0
+
+    ablated = model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.mlp.hook_router", drop)])
+    hf.model.layers[0].mlp.experts.down_proj[1].zero_()
+    torch.testing.assert_close(ablated, hf(input_ids=TOKENS).logits, **exact_for(model))
+    assert not torch.allclose(ablated, before)

@@ -2,7 +2,6 @@
 the logit difference, and every head passes its class's test again on prompts the study never saw."""
 
 import pytest
-import torch
 
 from mechscope.analysis.circuit import Knockouts, knockout_hooks, parse_heads
 from mechscope.analysis.dla import direct_logit_attribution

@@ -215,7 +215,6 @@ def test_sigterm_during_a_fetch_cleans_up_like_ctrl_c(fake_zoo, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     model, _ = fake_zoo
     script = tmp_path / "child.py"

@@ -268,6 +268,38 @@ class ScaleSite:
         _forward_hook(att, self.norm, on_norm)
 
 
+@dataclass(frozen=True)
+class RouterSite:
+    """A mixture-of-experts layer's routing, [batch, pos, expert]: each token's weight on each expert
+    (the router's top-k weights, 0 on the experts it did not pick). A written tensor routes each token
+    to its own top-k entries with those weights: zeroing an expert's weight ablates it."""
+
+    block: nn.Module  # the MoE block (its input says [batch, pos]; the router sees tokens flattened)
+    router: nn.Module  # -> (logits [token, expert], weights [token, k], experts [token, k])
+    n_experts: int
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        shape: dict[str, torch.Size] = {}
+
+        def on_block(m, args, kwargs):
+            shape["lead"] = (args[0] if args else kwargs["hidden_states"]).shape[:-1]  # [batch, pos]
+
+        def on_router(m, args, out):
+            logits, weights, experts = out
+            dense = weights.new_zeros(weights.shape[0], self.n_experts).scatter(1, experts, weights)  # [token, expert]
+            new = _run(fn, point, dense.view(*shape["lead"], self.n_experts), backward)  # [batch, pos, expert]
+            if new is None:
+                return None
+            flat = new.reshape(-1, self.n_experts)  # [token, expert]
+            if backward:  # same experts; the weights flow through the hooked tensor
+                return logits, flat.gather(1, experts), experts
+            top = flat.topk(experts.shape[1], dim=-1)
+            return logits, top.values.to(weights.dtype), top.indices
+
+        _pre_hook(att, self.block, on_block)
+        _forward_hook(att, self.router, on_router)
+
+
 LOGITS = Lens(get=lambda out: out.logits, put=lambda out, a: out.__setitem__("logits", a) or out)
 
 
@@ -293,7 +325,18 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
         sites[b + "hook_attn_out"] = (attn_out, l)
         if not cfg.parallel_residual:
             sites[b + "hook_resid_mid"] = (ResidMidSite(layer, attn_out, a.module(a.mlp_norm, l)), l)
-        sites[b + "mlp.hook_post"] = (place(at_input(a.down_proj), l), l)
+        sites[b + "ln1.hook_scale"] = (ScaleSite(a.module(a.attn_norm, l), a.norm_kind), l)
+        if a.mlp_norm != a.attn_norm:  # (GPT-J and Phi: attention and MLP read one norm)
+            sites[b + "ln2.hook_scale"] = (ScaleSite(a.module(a.mlp_norm, l), a.norm_kind), l)
+        if a.is_moe(l):  # experts run fused inside the block: its routing is the site
+            sites[b + "mlp.hook_router"] = (RouterSite(a.module(a.moe_block, l), a.module(a.router, l),
+                                                       a.n_experts()), l)
+        else:
+            if a.mlp_pre is not None:
+                sites[b + "mlp.hook_pre"] = (place(a.mlp_pre, l), l)
+            if a.mlp_pre_linear is not None:
+                sites[b + "mlp.hook_pre_linear"] = (place(a.mlp_pre_linear, l), l)
+            sites[b + "mlp.hook_post"] = (place(at_input(a.down_proj), l), l)
         sites[b + "hook_mlp_out"] = (place(a.mlp_out, l), l)
         sites[b + "hook_resid_post"] = (ModuleSite(layer, FIRST), l)
     sites["ln_final.hook_scale"] = (ScaleSite(a.module(a.final_norm), a.norm_kind), None)

@@ -69,6 +69,10 @@ class Adapter:
     attn_post_norm: ClassVar[str | None] = None  # Gemma's norm between attention and the add
     attn_out: ClassVar[Place]  # what attention adds to the residual stream
     mlp_out: ClassVar[Place]  # what the MLP adds to the residual stream
+    mlp_pre: ClassVar[Place | None] = None  # the MLP's pre-activation (the gate, for gated MLPs)
+    mlp_pre_linear: ClassVar[Place | None] = None  # a gated MLP's linear half (its up projection)
+    moe_block: ClassVar[str | None] = None  # mixture of experts: the block (the MLP node) ...
+    router: ClassVar[str | None] = None  # ... and its router, on layers that have one
 
     def __init__(self, hf_model: nn.Module):
         self.hf = hf_model
@@ -91,6 +95,20 @@ class Adapter:
 
     def parallel_residual(self) -> bool:
         return False
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether this layer's MLP is a mixture of experts (some MoE models keep dense layers)."""
+        if self.router is None:
+            return False
+        try:
+            self.module(self.router, layer)
+        except AttributeError:
+            return False
+        return True
+
+    def n_experts(self) -> int:
+        c = self.hf.config
+        return getattr(c, "num_local_experts", None) or c.num_experts
 
     # ---- modules ----------------------------------------------------------------------------
     def module(self, path: str, layer: int | None = None) -> nn.Module:

@@ -26,6 +26,7 @@ class GPT2Adapter(Adapter):
     mlp_norm = "ln_2"
     attn_out = Place("attn", FIRST)
     mlp_out = Place("mlp", OUT)
+    mlp_pre = Place("mlp.c_fc")
 
     def qkv(self) -> dict[str, Place]:
         d = self.cfg.d_head

@@ -20,6 +20,8 @@ class LlamaAdapter(Adapter):
     mlp_norm = "post_attention_layernorm"
     attn_out = Place("self_attn", FIRST)
     mlp_out = Place("mlp", OUT)
+    mlp_pre = Place("mlp.gate_proj")
+    mlp_pre_linear = Place("mlp.up_proj")
 
     def qkv(self) -> dict[str, Place]:
         d = self.cfg.d_head

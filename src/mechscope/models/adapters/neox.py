@@ -20,6 +20,7 @@ class NeoXAdapter(Adapter):
     mlp_norm = "post_attention_layernorm"
     attn_out = Place("post_attention_dropout", OUT)
     mlp_out = Place("post_mlp_dropout", OUT)
+    mlp_pre = Place("mlp.dense_h_to_4h")
 
     def parallel_residual(self) -> bool:
         return bool(self.hf.config.use_parallel_residual)

@@ -21,6 +21,7 @@ class GPTJAdapter(Adapter):
     out_proj = "attn.out_proj"
     attn_norm = "ln_1"
     down_proj = "mlp.fc_out"
+    mlp_pre = Place("mlp.fc_in")
     mlp_norm = "ln_1"  # the MLP reads the same norm's output
     attn_out = Place("attn", FIRST)
     mlp_out = Place("mlp", OUT)
@@ -47,6 +48,7 @@ class PhiAdapter(Adapter):
     out_proj = "self_attn.dense"
     attn_norm = "input_layernorm"
     down_proj = "mlp.fc2"
+    mlp_pre = Place("mlp.fc1")
     mlp_norm = "input_layernorm"
     attn_out = Place("self_attn", FIRST)
     mlp_out = Place("mlp", OUT)

@@ -41,6 +41,8 @@ class Starcoder2Adapter(LlamaAdapter):
     model_types = ("starcoder2",)
     norm_kind = "layernorm"
     down_proj = "mlp.c_proj"
+    mlp_pre = Place("mlp.c_fc")
+    mlp_pre_linear = None
 
 
 class StableLmAdapter(LlamaAdapter):
@@ -63,6 +65,14 @@ class Phi3Adapter(LlamaAdapter):
     family = "phi3"
     model_types = ("phi3",)
 
+    @property
+    def mlp_pre(self) -> Place:  # gate, then up, in one projection
+        return Place("mlp.gate_up_proj", span(0, self.cfg.d_mlp))
+
+    @property
+    def mlp_pre_linear(self) -> Place:
+        return Place("mlp.gate_up_proj", span(self.cfg.d_mlp, 2 * self.cfg.d_mlp))
+
     def qkv(self) -> dict[str, Place]:
         d, q, kv = self.cfg.d_head, self.cfg.n_heads * self.cfg.d_head, self.cfg.n_kv_heads * self.cfg.d_head
         bounds = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
@@ -76,4 +86,30 @@ class SmolLM3Adapter(LlamaAdapter):
     model_types = ("smollm3",)
 
 
-VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter)
+class MixtralAdapter(LlamaAdapter):
+    """Mixtral: Mistral with a mixture of experts for the MLP (experts fused inside the block):
+    `mlp.hook_router` is the routing, [batch, pos, expert]; the block is the MLP node; no mlp.hook_post."""
+
+    family = "mixtral"
+    model_types = ("mixtral",)
+    moe_block, router = "mlp", "mlp.gate"
+
+
+class Qwen2MoeAdapter(MixtralAdapter):
+    """Qwen2-MoE: routed experts plus an always-on gated shared expert, both inside the MLP node;
+    layers listed in mlp_only_layers keep a dense MLP (with its own mlp.hook_pre/hook_post)."""
+
+    family = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+
+
+class Qwen3MoeAdapter(Qwen3Adapter):
+    """Qwen3-MoE: Qwen3's per-head q/k norms and Mixtral's routed experts."""
+
+    family = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+    moe_block, router = "mlp", "mlp.gate"
+
+
+VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter,
+            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter)
