@@ -43,7 +43,10 @@ class ActivationCache:
     def _name(self, key: str | tuple[str, int]) -> str:
         if isinstance(key, tuple):
             short, layer = key
-            layer = layer % self.model.cfg.n_layers if layer is not None else layer
+            n = self.model.cfg.n_layers
+            if layer is not None and not -n <= layer < n:
+                raise IndexError(f"layer {layer} is out of range for a {n}-layer model (0..{n - 1}, or -{n}..-1)")
+            layer = layer % n if layer is not None else layer
             return _SHORT.get(short, short).format(layer)
         return _SHORT.get(key, key) if "{}" not in _SHORT.get(key, key) else key
 

@@ -127,6 +127,8 @@ def test_compare_and_verify():
     agreement = compare(estimate, exact, k=3)
     assert -1 <= agreement.pearson <= 1 and 0 <= agreement.top_k_overlap <= 1 and len(agreement.worst) == 5
     assert compare(exact, exact).pearson == pytest.approx(1.0)
+    flat = type(exact)(**{**exact.__dict__, "values": torch.zeros_like(exact.values)})  # a constant result
+    assert "pearson undefined (one side is constant)" in str(compare(estimate, flat))
     check = verify_top_k(model, batch, estimate, 3, sample=4)
     assert len(check.top) == 3 and len(check.sample) == 4
     for row in check.top + check.sample:

@@ -82,6 +82,24 @@ def test_every_hook_reads_what_the_module_computes(pair):
     assert k.shape == (*TOKENS.shape, model.cfg.n_kv_heads, model.cfg.d_head)
 
 
+def test_rotated_q_and_k_are_q_and_k_after_rotary(pair):
+    """Writing another prompt's hook_rot_q|k into layer 1 is writing its hook_q|k there (same positions,
+    so the same rotation): the rotated sites are exactly what attention uses."""
+    _, model = pair
+    if not model.adapter.rotary:
+        assert "blocks.0.attn.hook_rot_q" not in model.hook_names
+        return
+    names = [f"blocks.1.attn.hook_{x}" for x in ("q", "k", "rot_q", "rot_k")]
+    _, theirs = model.run_with_cache(TOKENS.flip(0), names_filter=names)
+    hooks = [(n, lambda act, hook: theirs[hook.name].clone()) for n in names]
+    plain, rot = model.run_with_hooks(TOKENS, fwd_hooks=hooks[:2]), model.run_with_hooks(TOKENS, fwd_hooks=hooks[2:])
+    torch.testing.assert_close(rot, plain, **exact_for(model))
+    assert not torch.allclose(rot, model(TOKENS))
+    assert theirs[names[2]].shape == theirs[names[0]].shape and theirs[names[3]].shape == theirs[names[1]].shape
+    rotates = getattr(model.adapter.module(model.adapter.attn, 1), "use_rope", True)  # SmolLM3's NoPE layers
+    assert torch.allclose(theirs[names[2]], theirs[names[0]]) != bool(rotates)  # rotated, or not where it is not
+
+
 def test_writing_every_activation_back_changes_nothing(pair):
     _, model = pair
     names = [n for n in model.hook_names if not n.endswith("hook_pattern")]

@@ -12,6 +12,11 @@ def test_indexing(model, tokens):
     _, cache = model.run_with_cache(tokens)
     assert torch.equal(cache["resid_pre", 1], cache["blocks.1.hook_resid_pre"])
     assert torch.equal(cache["pattern", -1], cache[f"blocks.{model.cfg.n_layers - 1}.attn.hook_pattern"])
+    n = model.cfg.n_layers
+    assert torch.equal(cache["resid_pre", -n], cache["resid_pre", 0])
+    for layer in (n, -n - 1):  # past either end: an error, never another layer
+        with pytest.raises(IndexError, match=f"layer {layer} is out of range for a {n}-layer model"):
+            cache["resid_pre", layer]
     assert torch.equal(cache["embed"], cache["hook_embed"])
     assert ("z", 0) in cache and "blocks.0.attn.hook_z" in cache
     assert "blocks.0.attn.hook_result" not in cache  # large; only when asked for

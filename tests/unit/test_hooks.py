@@ -153,6 +153,9 @@ def test_tokens_helpers():
     assert model.to_tokens("ab", prepend_bos=True).tolist() == [[model.tokenizer.bos_token_id, a, b]]
     assert model.to_str_tokens("ab") == ["a", "b"]
     assert model.to_str_tokens(torch.tensor([a, b])) == ["a", "b"]
+    assert model.to_str_tokens(torch.tensor([[a, b], [b, a]])) == [["a", "b"], ["b", "a"]]  # a row each, as TL
+    with pytest.raises(InputError, match="3-dimensional"):
+        model.to_str_tokens(torch.zeros(1, 1, 2, dtype=torch.long))
     assert model.to_single_token("a") == a
     with pytest.raises(InputError, match="'ab' is 2 tokens"):
         model.to_single_token("ab")

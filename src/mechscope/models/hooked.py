@@ -270,12 +270,19 @@ class HookedModel:
                 return candidate
         return 0
 
-    def to_str_tokens(self, text: str | Tensor | list[int], *, prepend_bos: bool | None = None) -> list[str]:
-        """The tokens of one prompt (or one row of ids) as strings."""
+    def to_str_tokens(self, text: str | Tensor | list[int], *, prepend_bos: bool | None = None) -> list:
+        """The tokens of one prompt, or one row of ids, as strings; a [batch, pos] tensor gives one
+        list per row (as TransformerLens does)."""
         if isinstance(text, str):
             ids = self._encode(text, prepend_bos)[0]
         else:
-            ids = torch.as_tensor(text).flatten().tolist()
+            ids = torch.as_tensor(text)
+            if ids.ndim == 2:
+                return [self.to_str_tokens(row) for row in ids]
+            if ids.ndim > 2:
+                raise InputError(f"to_str_tokens takes a prompt, a row of ids or a [batch, pos] tensor, not a "
+                                 f"{ids.ndim}-dimensional tensor")
+            ids = ids.flatten().tolist()
         return [self.tokenizer.decode([i]) for i in ids]
 
     def to_single_token(self, text: str) -> int:

@@ -188,14 +188,31 @@ class ResultSite:
 PATTERN_IMPLEMENTATION = "mechscope_eager"
 
 
+def _rotated(module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """query and key as attention uses them (after rotary), through any `hook_rot_q|k` hooks, which see
+    them as [batch, pos, head, d_head] (k per key/value head)."""
+    hooks = getattr(module, "_mechscope_rot_hooks", None)
+    if not hooks:
+        return query, key
+    out = {"q": query, "k": key}
+    for which in ("q", "k"):
+        for fn, point, backward in list(hooks[which]):
+            new = _run(fn, point, out[which].transpose(1, 2), backward)
+            if new is not None:
+                out[which] = new.transpose(1, 2)
+    return out["q"], out["k"]
+
+
 def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
-    """The family's own eager attention, with `hook_pattern` hooks run on its weights.
+    """The family's own eager attention, with `hook_rot_q|k` hooks on its inputs and `hook_pattern`
+    hooks run on its weights.
 
     query [batch, head, q_pos, d_head]; key, value [batch, kv_head, k_pos, d_head].
     """
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise NotImplementedError(f"{type(module).__name__} has no eager attention to read patterns from")
+    query, key = _rotated(module, query, key)
     out, weights = eager(module, query, key, value, attention_mask, **kwargs)
     for fn, point, backward in list(getattr(module, "_mechscope_pattern_hooks", ())):
         new = _run(fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
@@ -207,24 +224,37 @@ def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 class AttentionSwitch:
-    """Switches a model to eager attention while any pattern hook is attached, and back after."""
+    """Routes attention through mechscope while hooks inside it are attached, and back after: the
+    family's eager attention while a pattern is hooked (the fast kernels never form it); while only
+    rotated q/k are hooked, the model's own implementation (SDPA, say) behind a thin wrapper, so
+    its numbers do not change."""
 
     def __init__(self, hf_model: nn.Module):
         self.config = hf_model.config
-        self.count = 0
+        self.counts = {"pattern": 0, "rot": 0}
         self.saved: str | None = None
 
-    def acquire(self) -> None:
-        if self.count == 0:
-            _register_pattern_attention()
+    def acquire(self, kind: str = "pattern") -> None:
+        if not any(self.counts.values()):
             self.saved = self.config._attn_implementation
-            self.config._attn_implementation = PATTERN_IMPLEMENTATION
-        self.count += 1
+        self.counts[kind] += 1
+        self._apply()
 
-    def release(self) -> None:
-        self.count -= 1
-        if self.count == 0:
+    def release(self, kind: str = "pattern") -> None:
+        self.counts[kind] -= 1
+        if any(self.counts.values()):
+            self._apply()
+        else:
             self.config._attn_implementation = self.saved
+
+    def _apply(self) -> None:
+        from transformers import AttentionInterface
+
+        _register_pattern_attention()
+        if self.counts["pattern"] or self.saved not in AttentionInterface._global_mapping:  # (eager is no entry)
+            self.config._attn_implementation = PATTERN_IMPLEMENTATION
+        else:
+            self.config._attn_implementation = _register_rotated(self.saved)
 
 
 def _register_pattern_attention() -> None:
@@ -234,6 +264,42 @@ def _register_pattern_attention() -> None:
     if PATTERN_IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(PATTERN_IMPLEMENTATION, _pattern_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(PATTERN_IMPLEMENTATION, eager_mask)
+
+
+def _register_rotated(saved: str) -> str:
+    """An attention implementation that runs `hook_rot_q|k` hooks, then `saved` with its own masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = f"mechscope_rot_{saved}"
+    if name not in AttentionInterface._global_mapping:
+        inner = AttentionInterface._global_mapping[saved]
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            query, key = _rotated(module, query, key)
+            return inner(module, query, key, value, attention_mask, **kwargs)
+
+        AttentionInterface.register(name, attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[saved])
+    return name
+
+
+@dataclass(frozen=True)
+class RotarySite:
+    """q or k as attention uses them, after rotary embeddings: [batch, pos, head, d_head] (k per
+    key/value head). TransformerLens's `hook_rot_q|k`."""
+
+    attn: nn.Module
+    switch: AttentionSwitch
+    which: str  # "q" or "k"
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        hooks = self.attn.__dict__.setdefault("_mechscope_rot_hooks", {"q": [], "k": []})
+        entry = (fn, point, backward)
+        hooks[self.which].append(entry)
+        self.switch.acquire("rot")
+        att.on_remove(lambda: self.switch.release("rot"))
+        att.on_remove(lambda: hooks[self.which].remove(entry))
 
 
 @dataclass(frozen=True)
@@ -319,6 +385,9 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
         sites[b + "hook_resid_pre"] = (ModuleSite(layer, IN, on_input=True), l)
         for name, qkv in a.qkv().items():
             sites[b + f"attn.hook_{name}"] = (place(qkv, l), l)
+        if a.rotary:
+            for which in "qk":
+                sites[b + f"attn.hook_rot_{which}"] = (RotarySite(a.module(a.attn, l), switch, which), l)
         sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), switch), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)

@@ -21,7 +21,10 @@ class Agreement:
     worst: list[dict]  # the components whose estimate misses most: labels, estimate, exact
 
     def __str__(self) -> str:
-        return (f"pearson {self.pearson:.3f}, spearman {self.spearman:.3f}, sign agreement "
+        def r(x: float) -> str:  # a correlation with a constant is undefined, not a number
+            return f"{x:.3f}" if x == x else "undefined (one side is constant)"
+
+        return (f"pearson {r(self.pearson)}, spearman {r(self.spearman)}, sign agreement "
                 f"{self.sign_agreement:.2f}, top-{self.k} overlap {self.top_k_overlap:.2f}")
 
 

@@ -45,6 +45,10 @@ def activation_patch(
     `values[...]` = metric of the patched run - metric of the run it patches into, averaged over
     prompts. Axes: (layer,) or (layer, pos) for resid_pre|mid|post, attn_out, mlp_out; (layer, head)
     or (layer, head, pos) for head_z|q|k|v|pattern|result (k and v per key/value head).
+
+    The default direction is "denoise" (clean activations into the corrupt run: what restores the
+    behaviour), as in TransformerLens's patching demos; `path_patch` defaults to "noise", because
+    path patching asks which paths the clean run needs (Wang et al. 2022).
     """
     start = time.perf_counter()
     spec = patch_site(site)

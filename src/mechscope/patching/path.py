@@ -52,6 +52,10 @@ def path_patch(
     each prompt's read position (`at="read"`) or at one given position per prompt (`at`: [batch]
     positions, e.g. IOI's S2). senders: only these (layer, head) (the other cells
     are NaN); default every head before the last receiver.
+
+    The default direction is "noise" (corrupt senders into the clean run), unlike
+    `activation_patch`'s "denoise": path patching asks which paths the clean behaviour needs, as
+    Wang et al. 2022 ran it, so breaking one path at a time in the clean run is the question.
     """
     start = time.perf_counter()
     source, target = batch.source_and_target(direction)

@@ -71,6 +71,7 @@ class Adapter:
     mlp_out: ClassVar[Place]  # what the MLP adds to the residual stream
     mlp_pre: ClassVar[Place | None] = None  # the MLP's pre-activation (the gate, for gated MLPs)
     mlp_pre_linear: ClassVar[Place | None] = None  # a gated MLP's linear half (its up projection)
+    rotary: ClassVar[bool] = True  # q and k rotated inside attention: hook_rot_q|k
     moe_block: ClassVar[str | None] = None  # mixture of experts: the block (the MLP node) ...
     router: ClassVar[str | None] = None  # ... and its router, on layers that have one
 

@@ -13,6 +13,7 @@ class GPT2Adapter(Adapter):
     family = "gpt2"
     model_types = ("gpt2",)
     norm_kind = "layernorm"
+    rotary = False  # learned positions: no hook_rot_q|k
 
     embed = "transformer.wte"
     pos_embed = "transformer.wpe"

@@ -4,6 +4,7 @@ family's own config class; options those tests do not cover are refused (`check`
 
 from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Place
+from mechscope.models.adapters.gemma import Gemma3Adapter
 from mechscope.models.adapters.llama import LlamaAdapter
 from mechscope.models.lens import OUT, heads, span
 
@@ -19,11 +20,7 @@ class Qwen3Adapter(LlamaAdapter):
         return {"q": Place("self_attn.q_norm", OUT), "k": Place("self_attn.k_norm", OUT),
                 "v": Place("self_attn.v_proj", heads(self.cfg.d_head))}
 
-    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
-        d = self.cfg.d_head
-        return {"q": (Place("self_attn.q_proj", heads(d)), "self_attn.q_norm"),
-                "k": (Place("self_attn.k_proj", heads(d)), "self_attn.k_norm"),
-                "v": (Place("self_attn.v_proj", heads(d)), None)}
+    qkv_projections = Gemma3Adapter.qkv_projections  # projections, then the per-head q/k norms
 
 
 class GemmaAdapter(LlamaAdapter):
