@@ -161,3 +161,32 @@ def test_tokens_helpers():
         model.to_single_token("ab")
     assert torch.equal(model("ab"), model(model.to_tokens("ab")))
 
+
+def test_loss_and_stop_at_layer_as_transformer_lens(model, tokens):
+    """return_type="loss" is Hugging Face's own language-model loss (padding excluded by the mask);
+    stop_at_layer=l returns the stream entering layer l, and runs nothing after it."""
+    labels = tokens.clone()
+    f32 = dict(rel=1e-6)  # Hugging Face takes its loss in float32 even in a float64 model; ours stays float64
+    assert model(tokens, return_type="loss").item() == pytest.approx(model.hf(input_ids=tokens, labels=labels).loss.item(), **f32)
+    mask = torch.ones_like(tokens)
+    mask[1, 6:] = 0  # the second prompt is three tokens shorter
+    labels[1, 6:] = -100
+    want = model.hf(input_ids=tokens, attention_mask=mask, labels=labels).loss.item()
+    assert model(tokens, attention_mask=mask, return_type="loss").item() == pytest.approx(want, **f32)
+    logits, loss = model(tokens, return_type="both", loss_per_token=True)
+    assert torch.equal(logits, model(tokens)) and loss.shape == (tokens.shape[0], tokens.shape[1] - 1)
+    assert model(tokens, return_type=None) is None
+    n = model.cfg.n_layers
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: "resid" in name)  # (patterns: eager)
+    for layer, name in ((0, "blocks.0.hook_resid_pre"), (1, "blocks.1.hook_resid_pre"),
+                        (-1, f"blocks.{n - 1}.hook_resid_pre"), (n, f"blocks.{n - 1}.hook_resid_post")):
+        assert torch.equal(model(tokens, stop_at_layer=layer), cache[name]), layer
+    seen = []
+    with model.hooks([(f"blocks.{n - 1}.hook_resid_pre", lambda act, hook: seen.append(1))]):
+        model(tokens, stop_at_layer=1)
+    assert seen == []  # the last layer never ran
+    for bad, message in (({"stop_at_layer": n + 1}, "stop_at_layer must be between"),
+                         ({"return_type": "probs"}, "return_type is 'logits'")):
+        with pytest.raises(InputError, match=message):
+            model(tokens, **bad)
+

@@ -96,12 +96,51 @@ class HookedModel:
 
     # ---- forward ----------------------------------------------------------------------------
     def __call__(
-        self, tokens: Int[Tensor, "batch pos"] | str | list[str], *, attention_mask: Tensor | None = None
-    ) -> Float[Tensor, "batch pos d_vocab"]:
+        self,
+        tokens: Int[Tensor, "batch pos"] | str | list[str],
+        *,
+        attention_mask: Tensor | None = None,
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        stop_at_layer: int | None = None,
+    ):
+        """Logits [batch, pos, d_vocab], exactly the plain Hugging Face call. As in TransformerLens:
+        `return_type` "loss" (next-token cross-entropy, padding excluded when `attention_mask` says
+        where it is; per token [batch, pos - 1] with `loss_per_token`), "both" ((logits, loss)) or None
+        (for hooks' side effects); `stop_at_layer=l` returns the residual stream entering layer l
+        ([batch, pos, d_model]; l = n_layers: after the last layer, before the final norm; negative l
+        counts from the end) without running the layers after it."""
+        if return_type not in ("logits", "loss", "both", None):
+            raise InputError(f"return_type is 'logits', 'loss', 'both' or None, not {return_type!r}")
         tokens = self._as_tokens(tokens)
+        if stop_at_layer is not None:
+            return self._resid_entering(tokens, stop_at_layer, attention_mask)
         # Exactly the plain call: even use_cache stays at the model's default, since the KV cache
         # changes the memory layout of k and v, and with it the rounding of eager attention.
-        return self.hf(input_ids=tokens, attention_mask=attention_mask).logits
+        logits = self.hf(input_ids=tokens, attention_mask=attention_mask).logits
+        if return_type in ("logits", None):
+            return logits if return_type else None
+        loss = next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _resid_entering(self, tokens: Tensor, layer: int, attention_mask: Tensor | None) -> Tensor:
+        n = self.cfg.n_layers
+        if not -n <= layer <= n:
+            raise InputError(f"stop_at_layer must be between {-n} and {n} for a {n}-layer model, not {layer}")
+        layer = layer % n if layer < n else n
+        name = f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+        seen: dict[str, Tensor] = {}
+
+        def stop(act, hook):
+            seen["resid"] = act
+            raise _Stopped
+
+        try:
+            with self.hooks([(name, stop)]):
+                self.hf(input_ids=tokens, attention_mask=attention_mask)
+        except _Stopped:
+            pass
+        return seen["resid"]
 
     forward = __call__
 
@@ -290,3 +329,19 @@ class HookedModel:
         if len(ids) != 1:
             raise InputError(f"{text!r} is {len(ids)} tokens {self.to_str_tokens(ids)}; a single token is needed")
         return ids[0]
+
+
+class _Stopped(Exception):
+    """Ends a forward at `stop_at_layer`."""
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None = None, *,
+                    per_token: bool = False) -> Tensor:
+    """Cross-entropy of each next token, [batch, pos - 1], or its mean over real tokens (a target is
+    real where `attention_mask` is 1; all are without one), as TransformerLens's loss."""
+    logp = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # [batch, pos - 1, d_vocab]
+    per = -logp.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos - 1]
+    if per_token:
+        return per
+    real = torch.ones_like(per) if attention_mask is None else attention_mask[:, 1:].to(per)
+    return (per * real).sum() / real.sum()
