@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mechscope.errors import UnsupportedModelError
 from mechscope.models.hooked import HookedModel
+from mechscope.models.weights import read_affine
 
 
 class HeadInputs:
@@ -31,21 +31,11 @@ class HeadInputs:
         """(weight [head, d_model, d_head], bias [head, d_head], per-head module after it or None)."""
         key = (layer, kind)
         if key not in self._proj:
-            a, d = self.model.adapter, self.model.cfg.d_model
+            a = self.model.adapter
             place, post = a.qkv_projections()[kind]
-            module, lens = a.module(place.path, layer), place.lens
-            p = next(module.parameters())
-            with torch.no_grad():
-                basis = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(p)  # [1 + d_model, d_model]
-                out = lens.get(module.forward(basis))  # [1 + d_model, head, d_head] (forward: no hooks)
-                bias, weight = out[0], (out[1:] - out[0]).permute(1, 0, 2)  # [head, d_head], [head, d_model, d_head]
-                probe = torch.randn(3, d, generator=torch.Generator().manual_seed(0)).to(p)
-                direct = lens.get(module.forward(probe))  # [3, head, d_head]
-                mine = torch.einsum("xd,hde->xhe", probe, weight) + bias
-            if not torch.allclose(mine, direct, rtol=1e-3, atol=1e-4 * (1 + direct.abs().max().item())):
-                raise UnsupportedModelError(f"{type(module).__name__} in layer {layer} is not an affine map of the "
-                                            f"attention norm's output, so per-head {kind} inputs cannot be computed")
-            self._proj[key] = (weight, bias, None if post is None else a.module(post, layer))
+            weight, bias = read_affine(a.module(place.path, layer), place.lens, self.model.cfg.d_model,
+                                       what=f"the {kind} projection of layer {layer}")  # [d_model, head, d_head]
+            self._proj[key] = (weight.permute(1, 0, 2), bias, None if post is None else a.module(post, layer))
         return self._proj[key]
 
     def value_each(self, layer: int, kind: str, heads: Tensor, x: Tensor) -> Tensor:

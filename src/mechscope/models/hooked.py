@@ -69,6 +69,7 @@ class HookedModel:
         self.cfg: ModelConfig = self.adapter.cfg
         self._switch = AttentionSwitch(hf_model)
         self._sites = build_sites(self.adapter, self._switch)
+        self._weights = None  # read on first use (`weights`)
         self.hook_names: list[str] = list(self._sites)
 
     def __repr__(self) -> str:
@@ -93,6 +94,29 @@ class HookedModel:
     @property
     def b_U(self) -> Float[Tensor, " d_vocab"] | None:
         return self.adapter.b_U
+
+    @property
+    def weights(self):
+        """The weights in TransformerLens's layout, OV/QK circuits and composition scores
+        (`models/weights.py`); also as `model.W_Q`, `W_K`, `W_V`, `W_O`, `W_E`, `W_in`, `W_out`."""
+        from mechscope.models.weights import Weights
+
+        if self._weights is None:
+            self._weights = Weights(self)
+        return self._weights
+
+    W_Q = property(lambda self: self.weights.attention("q")[0], doc="[layer, head, d_model, d_head]")
+    W_K = property(lambda self: self.weights.attention("k")[0], doc="[layer, kv_head, d_model, d_head]")
+    W_V = property(lambda self: self.weights.attention("v")[0], doc="[layer, kv_head, d_model, d_head]")
+    b_Q = property(lambda self: self.weights.attention("q")[1], doc="[layer, head, d_head]")
+    b_K = property(lambda self: self.weights.attention("k")[1], doc="[layer, kv_head, d_head]")
+    b_V = property(lambda self: self.weights.attention("v")[1], doc="[layer, kv_head, d_head]")
+    W_O = property(lambda self: self.weights.W_O, doc="[layer, head, d_head, d_model]")
+    b_O = property(lambda self: self.weights.b_O, doc="[layer, d_model]")
+    W_E = property(lambda self: self.weights.W_E, doc="[d_vocab, d_model]")
+    W_pos = property(lambda self: self.weights.W_pos, doc="[n_ctx, d_model] (learned positions only)")
+    W_in = property(lambda self: self.weights.W_in, doc="[layer, d_model, d_mlp]")
+    W_out = property(lambda self: self.weights.W_out, doc="[layer, d_mlp, d_model]")
 
     # ---- forward ----------------------------------------------------------------------------
     def __call__(
