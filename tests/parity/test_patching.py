@@ -103,3 +103,29 @@ def test_chunking_does_not_change_the_numbers():
     one = activation_patch(model, batch, site="head_z", per_position=True, memory_mb=1)
     many = activation_patch(model, batch, site="head_z", per_position=True, memory_mb=4096)
     torch.testing.assert_close(one.values, many.values, **EXACT)
+
+
+def test_transformer_lens_site_names_and_query_head_layout():
+    """TransformerLens's site names ("z", "v") and hook names ("blocks.1.attn.hook_z": that layer) give
+    the same numbers; per_query_head lays k/v out per query head, so head sites stack as in TL."""
+    from mechscope.patching import attribution_patch
+    from mechscope.patching.sites import resolve_site
+
+    model = tiny_model("llama-gqa")  # 4 query heads, 2 key/value heads
+    batch = tiny_batch(model)
+    z = activation_patch(model, batch, site="head_z")
+    assert torch.equal(activation_patch(model, batch, site="z").values, z.values)
+    one = activation_patch(model, batch, site="blocks.1.attn.hook_z")
+    assert one.labels["layer"] == ["1"] and torch.equal(one.values[0], z.values[1])
+    assert resolve_site("blocks.12.hook_resid_pre")[1] == 12 and resolve_site("resid_pre")[1] is None
+    v = activation_patch(model, batch, site="v")
+    wide = activation_patch(model, batch, site="v", per_query_head=True)
+    assert v.values.shape == (3, 2) and wide.values.shape == z.values.shape == (3, 4)
+    assert wide.labels["head"] == ["0", "1", "2", "3"]
+    assert torch.equal(wide.values[:, [0, 1]], v.values[:, [0, 0]]) and torch.equal(wide.values[:, 3], v.values[:, 1])
+    torch.stack([z.values, wide.values])  # stacks, as TL's [site, layer, head]
+    with torch.enable_grad():
+        atp = attribution_patch(model, batch, sites=["z", "resid_pre"])
+    assert set(atp) == {"z", "resid_pre"}  # keyed by the names given
+    with pytest.raises(Exception, match="or a hook name such as blocks.0.attn.hook_z"):
+        activation_patch(model, batch, site="blocks.x.attn.hook_z")

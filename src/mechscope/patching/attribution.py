@@ -66,7 +66,8 @@ def attribution_patch(
     start = time.perf_counter()
     if method not in ("atp", "atp*"):
         raise InputError(f"method must be 'atp' or 'atp*', not {method!r}")
-    specs = [patch_site(s) for s in dict.fromkeys(sites)]
+    given = {patch_site(s).name: s for s in dict.fromkeys(sites)}  # results are keyed by the names given
+    specs = [patch_site(s) for s in given.values()]
     n_layers = model.cfg.n_layers
     star = method == "atp*"
     qk = star and any(s.name in QK_SITES for s in specs)
@@ -104,7 +105,7 @@ def attribution_patch(
         if len(drops) > 1:
             extra["graddrop"] = (torch.stack([c.abs() for c in per_drop[1:]]).sum(0) / (n_layers - 1)).tolist()
         axes, labels = spec.axes(model, batch, layers, heads, per_position)
-        results[spec.name] = PatchResult(
+        results[given[spec.name]] = PatchResult(
             values=widen(per_drop[0].reshape([len(labels[a]) for a in axes])), axes=axes, labels=labels,
             site=spec.name, technique=method, metric=run["name"], direction=direction,
             clean_metric=clean_metric, corrupt_metric=corrupt_metric, model=model.cfg.model_name,

@@ -23,7 +23,7 @@ from mechscope.models.hooked import HookedModel
 from mechscope.patching.result import PatchResult
 from mechscope.progress import progress_bar
 from mechscope.patching.resume import LayerInputs
-from mechscope.patching.sites import PatchSite, patch_site
+from mechscope.patching.sites import PatchSite, resolve_site
 from mechscope.tasks.batch import ContrastiveBatch
 
 
@@ -39,19 +39,28 @@ def activation_patch(
     heads: Sequence[int] | None = None,
     progress: bool = False,
     memory_mb: int = 1024,
+    per_query_head: bool = False,
 ) -> PatchResult:
     """Patch every component of `site` and return the effect on the metric.
 
     `values[...]` = metric of the patched run - metric of the run it patches into, averaged over
     prompts. Axes: (layer,) or (layer, pos) for resid_pre|mid|post, attn_out, mlp_out; (layer, head)
-    or (layer, head, pos) for head_z|q|k|v|pattern|result (k and v per key/value head).
+    or (layer, head, pos) for head_z|q|k|v|pattern|result. `site` may also be TransformerLens's name
+    ("z", "resid_pre") or a hook name ("blocks.3.attn.hook_z": that layer only, unless `layers`).
+
+    k and v are patched per key/value head by default: on a grouped-query model that is the unit the
+    model has (one k/v head feeds a group of query heads, so patching "query head 5's k" alone does
+    not exist). `per_query_head=True` lays the result out per query head, as TransformerLens's does,
+    so all head sites stack: each query head then shows the effect of its group's k/v head.
 
     The default direction is "denoise" (clean activations into the corrupt run: what restores the
     behaviour), as in TransformerLens's patching demos; `path_patch` defaults to "noise", because
     path patching asks which paths the clean run needs (Wang et al. 2022).
     """
     start = time.perf_counter()
-    spec = patch_site(site)
+    spec, named_layer = resolve_site(site)
+    if named_layer is not None and layers is None:  # "blocks.3.attn.hook_z": layer 3
+        layers = [named_layer]
     source, target = batch.source_and_target(direction)
     layers, heads = spec.components(model, layers, heads)
     n_pos = batch.clean.shape[1]
@@ -91,8 +100,14 @@ def activation_patch(
         warnings.warn(f"the metric {name} was not finite for {int((~values.isfinite()).sum())} of {values.numel()} "
                       "patched components; those effects are NaN (shown as empty cells)", stacklevel=2)
     axes, labels = spec.axes(model, batch, layers, heads, per_position)
+    values = values.reshape([len(labels[a]) for a in axes])
+    if per_query_head and spec.kv and model.cfg.n_kv_heads < model.cfg.n_heads:
+        group = model.cfg.n_heads // model.cfg.n_kv_heads
+        kv_heads = [int(h) for h in labels["head"]]
+        values = values.repeat_interleave(group, dim=1)  # [layer, query head, ...]: each reads its group's kv head
+        labels = {**labels, "head": [str(kv * group + i) for kv in kv_heads for i in range(group)]}
     return PatchResult(
-        values=values.reshape([len(labels[a]) for a in axes]), axes=axes, labels=labels, site=site, technique="exact",
+        values=values, axes=axes, labels=labels, site=site, technique="exact",
         metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric,
         model=model.cfg.model_name, n_prompts=len(batch), seconds=time.perf_counter() - start,
     )

@@ -71,10 +71,28 @@ SITES: dict[str, PatchSite] = {
 }
 
 
+# TransformerLens's names for the same sites (its get_act_patch_* functions and hook names).
+TL_NAMES = {"z": "head_z", "q": "head_q", "k": "head_k", "v": "head_v", "pattern": "head_pattern",
+            "result": "head_result", "attn_out": "attn_out", "mlp_out": "mlp_out"}
+
+
+def resolve_site(name: str) -> tuple[PatchSite, int | None]:
+    """A site named as mechscope names it ("head_z"), as TransformerLens's patching does ("z",
+    "resid_pre"), or by a hook name ("blocks.3.attn.hook_z": that site, and layer 3)."""
+    if name in SITES:
+        return SITES[name], None
+    if name in TL_NAMES:
+        return SITES[TL_NAMES[name]], None
+    for site in SITES.values():
+        prefix, suffix = site.hook.split("{}")
+        if name.startswith(prefix) and name.endswith(suffix) and name[len(prefix):-len(suffix)].isdigit():
+            return site, int(name[len(prefix):-len(suffix)])
+    raise InputError(f"unknown patching site {name!r}; choose one of {', '.join(SITES)} (or TransformerLens's "
+                     f"{', '.join(n for n in TL_NAMES if n not in SITES)}, or a hook name such as blocks.0.attn.hook_z)")
+
+
 def patch_site(name: str) -> PatchSite:
-    if name not in SITES:
-        raise InputError(f"unknown patching site {name!r}; choose one of {', '.join(SITES)}")
-    return SITES[name]
+    return resolve_site(name)[0]
 
 
 def _check_indices(what: str, given: Sequence[int] | None, n: int) -> list[int]:
