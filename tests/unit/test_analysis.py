@@ -6,6 +6,7 @@ import torch
 from conftest import approx_for, tiny_batch
 
 from mechscope.analysis import direct_logit_attribution, head_scores, logit_lens
+from mechscope.errors import InputError
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.tasks import induction
 
@@ -83,6 +84,21 @@ def test_detectors_find_planted_heads(model):
     for result in scores.values():
         assert result.values.shape == (model.cfg.n_layers, model.cfg.n_heads)
         assert (result.values >= 0).all() and (result.values <= 1 + 1e-6).all()
+
+    # TransformerLens's scale (detect_head, "mul"): the same attention mass over every query, from a
+    # dense detection pattern written out here
+    with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", planted)]):
+        tl = head_scores(model, n=3, length=length, scale="all_queries")
+        tokens, _ = induction(model, 3, length=length)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    n_pos = tokens.shape[1]
+    detection = torch.zeros(n_pos, n_pos, dtype=torch.float64)
+    detection[torch.arange(1, n_pos), torch.arange(n_pos - 1)] = 1  # previous token
+    pattern = cache["pattern", 1]  # [batch, head, q, k]
+    want = (pattern * detection).sum((-1, -2)).mean(0) / n_pos  # every row sums to 1
+    torch.testing.assert_close(tl["previous_token"].values[1], want.to(tl["previous_token"].values))
+    with pytest.raises(InputError, match="all_queries"):
+        head_scores(model, scale="tl")
 
 
 def test_induction_tokens(model):

@@ -7,7 +7,10 @@ On [prefix, s_1 .. s_L, s_1 .. s_L], for a query at position q:
 - previous-token: the weight on q - 1 (every q after the first token);
 - duplicate-token: the weight on q - L, the same token's earlier occurrence (second half);
 - induction: the weight on q - L + 1, the token that followed that occurrence (second half).
-Each score is that weight averaged over queries and prompts, in [0, 1].
+Each score is that weight averaged over queries and prompts, in [0, 1]. TransformerLens's
+`detect_head` (error measure "mul") divides the same attention mass by every query of the sequence,
+not only the eligible ones; `scale="all_queries"` gives its scale (same ranking, smaller numbers:
+times eligible / all queries).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from mechscope.errors import InputError
 from mechscope.metrics import at_positions, widen
 from mechscope.models.hooked import HookedModel
 from mechscope.result import Result
@@ -27,8 +31,12 @@ from mechscope.tasks.induction import induction
 KINDS = ("previous_token", "duplicate_token", "induction")
 
 
-def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int = 0) -> dict[str, Result]:
-    """{kind: Result (layer x head)} for the three detectors, from one forward."""
+def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int = 0,
+                scale: str = "eligible") -> dict[str, Result]:
+    """{kind: Result (layer x head)} for the three detectors, from one forward; `scale` "eligible"
+    (the mean over the queries a detector applies to) or "all_queries" (TransformerLens's)."""
+    if scale not in ("eligible", "all_queries"):
+        raise InputError(f"scale is 'eligible' or 'all_queries' (TransformerLens's detect_head), not {scale!r}")
     start = time.perf_counter()
     tokens, prefix = induction(model, n, length=length, seed=seed)
     with torch.no_grad():
@@ -45,9 +53,11 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
     out = {}
     for kind, (q, k) in targets.items():
         weight = pattern[:, :, :, q, k]  # [layer, batch, head, queries]
-        out[kind] = Result(values=widen(weight).mean((1, 3)), axes=("layer", "head"), labels=labels,
+        values = widen(weight).mean((1, 3)) * (len(q) / n_pos if scale == "all_queries" else 1)
+        out[kind] = Result(values=values, axes=("layer", "head"), labels=labels,
                            technique=f"{kind} score", model=model.cfg.model_name, n_prompts=n,
-                           seconds=time.perf_counter() - start, extra={"length": length, "seed": seed})
+                           seconds=time.perf_counter() - start,
+                           extra={"length": length, "seed": seed, "scale": scale})
     return out
 
 
