@@ -114,7 +114,7 @@ class ActivationCache:
         `layer` (or the last `resid_post`)."""
         parts, labels = [self["hook_embed"]], ["embed"]
         if "hook_pos_embed" in self.model.hook_names:
-            parts.append(self["hook_pos_embed"].expand_as(parts[0]))  # [1, pos, d_model]: same for every prompt
+            parts.append(self["hook_pos_embed"])  # [batch, pos, d_model]
             labels.append("pos_embed")
         for l in self._layers(layer):
             parts += [self[f"blocks.{l}.hook_attn_out"], self[f"blocks.{l}.hook_mlp_out"]]

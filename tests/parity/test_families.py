@@ -77,6 +77,9 @@ def test_every_hook_reads_what_the_module_computes(pair):
             if a.mlp_pre_linear is not None:
                 post = post * cache[f"blocks.{l}.mlp.hook_pre_linear"]
             torch.testing.assert_close(post, cache[f"blocks.{l}.mlp.hook_post"], **tol)
+    if "hook_pos_embed" in model.hook_names:  # per prompt, as in TransformerLens; embeddings sum to resid_pre
+        assert cache["hook_pos_embed"].shape == (*TOKENS.shape, model.cfg.d_model)
+        torch.testing.assert_close(cache["hook_embed"] + cache["hook_pos_embed"], cache["blocks.0.hook_resid_pre"], **tol)
     q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
     assert q.shape == (*TOKENS.shape, model.cfg.n_heads, model.cfg.d_head)
     assert k.shape == (*TOKENS.shape, model.cfg.n_kv_heads, model.cfg.d_head)

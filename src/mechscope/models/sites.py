@@ -335,6 +335,29 @@ class ScaleSite:
 
 
 @dataclass(frozen=True)
+class PosEmbedSite:
+    """Learned position embeddings as TransformerLens gives them, [batch, pos, d_model]: the module
+    makes [1, pos, d_model] (the same for every prompt); the hook sees it per prompt, and a written
+    tensor is added per prompt (the model adds it to the token embeddings, which broadcasts)."""
+
+    embed: nn.Module  # the token embedding, run first: it says the batch size
+    pos_embed: nn.Module
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        batch: dict[str, int] = {}
+
+        def on_embed(m, args, out):
+            batch["n"] = out.shape[0]
+
+        def on_pos(m, args, out):  # [1 or batch, pos, d_model]
+            act = out.expand(batch["n"], *out.shape[1:])
+            return _run(fn, point, act if backward else act.clone(), backward)  # a copy: in-place edits act
+
+        _forward_hook(att, self.embed, on_embed)
+        _forward_hook(att, self.pos_embed, on_pos)
+
+
+@dataclass(frozen=True)
 class RouterSite:
     """A mixture-of-experts layer's routing, [batch, pos, expert]: each token's weight on each expert
     (the router's top-k weights, 0 on the experts it did not pick). A written tensor routes each token
@@ -378,7 +401,7 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
 
     sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed)), None)}
     if a.pos_embed is not None:
-        sites["hook_pos_embed"] = (place(Place(a.pos_embed)), None)
+        sites["hook_pos_embed"] = (PosEmbedSite(a.module(a.embed), a.module(a.pos_embed)), None)
     for l, layer in enumerate(a.layer_modules()):
         b = f"blocks.{l}."
         attn_out = place(a.attn_out, l)
