@@ -40,16 +40,21 @@ def test_gemma_logits_equal_plain_transformers_on_the_zoo_files(gemma3):
 
 
 def test_load_a_gguf_file_directly(smollm2):
-    """A .gguf path loads through transformers' own GGUF reader: its plain forward is the reference
-    for the zoo copy of SmolLM2 (Gemma's is checked above), and the wrapped model equals the zoo's."""
+    """A .gguf path loads its dequantized copy, found by the file's sha256 (here: the zoo's own copy of
+    this very file, so nothing is converted twice); transformers' own GGUF reader on the file is the
+    reference for that copy (Gemma's is checked above)."""
+    from transformers import AutoModelForCausalLM
+
     import mechscope
 
     path = zoo.model_dir("smollm2-135m") / zoo.ZOO["smollm2-135m"].gguf_name
     direct = mechscope.load_model(path)
     assert direct.cfg.model_name == str(path) and direct.cfg.family == "llama"
     assert direct.cfg.n_layers == 30 and direct.cfg.n_heads == 9 and direct.cfg.n_kv_heads == 3
+    assert zoo.gguf_copy(path) == zoo.model_dir("smollm2-135m") / "hf"
     assert torch.equal(_logits(direct, PROMPTS), _logits(smollm2, PROMPTS))
-    _assert_logits_equal_plain(smollm2, direct.hf)  # plain transformers on the same GGUF
+    plain = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    _assert_logits_equal_plain(smollm2, plain)  # plain transformers reading the GGUF itself
 
 
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])

@@ -260,3 +260,33 @@ def test_the_cache_follows_the_umask(fake_zoo):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o777 & ~mask  # not mkdtemp's 0700
+
+
+def test_a_users_gguf_is_dequantized_once_and_found_by_its_hash(tmp_path, monkeypatch):
+    """load_model(file.gguf) converts once into the cache, keyed by the file's sha256: a second load,
+    or a renamed copy, reads the stored copy; an edited file is converted anew."""
+    from mechscope.models import load
+
+    monkeypatch.setenv("MECHSCOPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(load, "_check_gguf", lambda path: None)  # the bytes below are not a real GGUF
+    converted = []
+
+    def convert(gguf, target, *, progress):
+        converted.append(gguf.name)
+        zoo._store(target, lambda tmp: (tiny_hf("gpt2").save_pretrained(tmp), byte_tokenizer().save_pretrained(tmp)))
+
+    monkeypatch.setattr(zoo, "_dequantize", convert)
+    path = tmp_path / "mine.gguf"
+    path.write_bytes(b"GGUF pretend weights")
+    first, again = load_model(path), load_model(path)
+    assert converted == ["mine.gguf"] and first.cfg.model_name == str(path)
+    tokens = torch.tensor([[1, 2, 3]])
+    assert torch.equal(first(tokens), again(tokens))
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "home" / "gguf" / sha / "hf" / "manifest.json").is_file()
+    (tmp_path / "renamed.gguf").write_bytes(path.read_bytes())
+    load_model(tmp_path / "renamed.gguf")
+    assert converted == ["mine.gguf"]  # same bytes, same copy
+    path.write_bytes(b"GGUF other weights")
+    load_model(path)
+    assert converted == ["mine.gguf", "mine.gguf"]

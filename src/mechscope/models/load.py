@@ -70,9 +70,14 @@ def _load_spec(spec: str, kwargs: dict, alias: str | None = None):
         if not path.is_file():
             raise ModelLoadError(f"no GGUF file at {path}")
         _check_gguf(path)
-        hf, tokenizer = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
-        zoo.drop_gguf_quantizer(hf)
-        return hf, tokenizer
+        try:
+            copy = zoo.gguf_copy(path)  # dequantized once, then read as safetensors
+        except OSError as err:  # no writable cache: dequantize this time only
+            log.warning("cannot cache the dequantized %s (%s); converting it on every load", path.name, err)
+            hf, tokenizer = _load(str(path.parent), {"gguf_file": path.name}, kwargs)
+            zoo.drop_gguf_quantizer(hf)
+            return hf, tokenizer
+        return _load(str(copy), {}, kwargs)
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model directory (it has no config.json)")

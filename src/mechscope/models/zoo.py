@@ -151,6 +151,45 @@ def fetch(alias: str, *, progress: bool = False, force: bool = False, verify: bo
     return target
 
 
+def gguf_copy(path: Path, *, progress: bool = False) -> Path:
+    """The dequantized copy of a user's .gguf file, which `load_model(path)` reads instead of the file:
+    made once under `$MECHSCOPE_HOME/gguf/<sha256>/hf` and keyed by the file's sha256, so a moved or
+    renamed copy finds it and an edited file is converted anew. A zoo model's own file is its zoo copy."""
+    path = path.resolve()
+    sha = _gguf_sha256(path)
+    for alias, m in ZOO.items():
+        if m.sha256 == sha and is_fetched(alias):
+            return model_dir(alias) / "hf"
+    folder = home() / "gguf" / sha
+    with _lock(folder):
+        target = folder / "hf"
+        _remove_stale_temporaries(folder)
+        if _cache_problem(target, hashes="stamp") is not None:
+            _dequantize(path, target, progress=progress)
+    return target
+
+
+def _gguf_sha256(path: Path) -> str:
+    """The file's sha256, hashed once per version of the file: an index remembers it by the file's
+    stamp (size, times, inode), which any write changes."""
+    index_path = home() / "gguf" / "index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    stamp, known = _stamp(path), index.get(str(path), {})
+    if known.get("stamp") == stamp:
+        return known["sha256"]
+    sha = _sha256(path)
+    index[str(path)] = {"stamp": stamp, "sha256": sha}
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(index_path, json.dumps(index))
+    except OSError:  # a read-only cache: hashed again next time
+        pass
+    return sha
+
+
 def _check_writable(folder: Path, alias: str) -> None:
     """Before any download or conversion: the cache must be writable (or creatable)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
