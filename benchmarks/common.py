@@ -41,11 +41,15 @@ def timed(fn, repeats: int = 1):
 
 
 def tl_bridge(model):
-    """A TransformerBridge on the model's own HF object (config from the zoo files, weights shared)."""
+    """A TransformerBridge on a copy of the model's HF object (config from the zoo files, the same
+    weights): the bridge replaces the modules of the object it boots on with its own wrappers, so it
+    must never share mechscope's (mechscope refuses to hook a rewired model)."""
+    import copy
+
     from transformer_lens.model_bridge import TransformerBridge
 
     source = zoo.model_dir(model.cfg.model_name) / "hf"  # its config.json; weights come from hf_model
-    return TransformerBridge.boot_transformers(str(source), hf_model=model.hf, tokenizer=model.tokenizer)
+    return TransformerBridge.boot_transformers(str(source), hf_model=copy.deepcopy(model.hf), tokenizer=model.tokenizer)
 
 
 def tl_exact_head_z(bridge, batch) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mechscope.errors import InputError
+from mechscope.errors import InputError, UnsupportedModelError
 from mechscope.models.adapters import adapter_for
 from mechscope.models.adapters.base import ModelConfig
 from mechscope.models.sites import (
@@ -70,6 +70,7 @@ class HookedModel:
         self._switch = AttentionSwitch(hf_model)
         self._sites = build_sites(self.adapter, self._switch)
         self._weights = None  # read on first use (`weights`)
+        self._modules = {name: id(m) for name, m in hf_model.named_modules()}  # what the sites hook
         self.hook_names: list[str] = list(self._sites)
 
     def __repr__(self) -> str:
@@ -222,6 +223,8 @@ class HookedModel:
             for name, fn in hooks
             for site_name in self._resolve(name)
         ]
+        if plan:
+            self._check_modules()
         attached: list[Attachment] = []
         try:
             for site_name, fn, backward in plan:
@@ -233,6 +236,18 @@ class HookedModel:
         finally:
             for att in reversed(attached):
                 att.remove()
+
+    def _check_modules(self) -> None:
+        """Refuse to hook a model whose modules were replaced after wrapping (another library's
+        wrappers, TransformerLens's bridge for one): the hooks would sit on modules it no longer runs."""
+        now = dict(self.hf.named_modules())
+        gone = [name for name, ident in self._modules.items() if name not in now or id(now[name]) != ident]
+        if gone:
+            raise UnsupportedModelError(
+                f"{len(gone)} of this model's modules were replaced after mechscope wrapped it ({gone[0]} is now "
+                f"{type(now[gone[0]]).__name__ if gone[0] in now else 'gone'}; another library's wrappers?): hooks "
+                "would sit on modules the model no longer runs. Give each library its own copy of the model "
+                "(copy.deepcopy(model.hf) before handing it over).")
 
     def run_with_hooks(
         self,
