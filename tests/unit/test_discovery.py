@@ -203,3 +203,26 @@ def test_bad_options_are_refused_before_work():
         scores.circuit(edges=3, threshold=0.1)
     with pytest.raises(InputError, match="edges=N"):
         scores.circuit()
+
+
+def test_recordings_that_cannot_fit_are_refused_before_any_forward(monkeypatch):
+    from mechscope.discovery.edges import EdgePatcher
+    from mechscope.models import hooked
+
+    model = tiny_model("llama-gqa")
+    batch, graph = tiny_batch(model), Graph.from_model(model)
+    forwards = []
+    monkeypatch.setattr(hooked, "_available_memory", lambda: 1000)
+    with model.hooks([("hook_embed", lambda act, hook: forwards.append(1))]):
+        with pytest.raises(InputError, match=r"edge patching 2 prompts of \d+ tokens records .* GiB .* is available: use "
+                                             r"fewer or shorter prompts"):
+            EdgePatcher(model, graph, batch)
+    assert forwards == []
+    monkeypatch.setattr(hooked, "_available_memory", lambda: None)  # unknown: no refusal
+    patcher = EdgePatcher(model, graph, batch)
+    assert patcher.recording_bytes() > 1000
+    from mechscope.discovery.eap import edge_attribution
+
+    monkeypatch.setattr(hooked, "_available_memory", lambda: 1000)
+    with pytest.raises(InputError, match="edge attribution sums the gradients at"):
+        edge_attribution(patcher, lambda logits, batch: logits[:, 0])

@@ -37,6 +37,7 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     """Scores [n_edges] (in at least float32), the gradient averaged over `steps` points."""
     g = patcher.graph
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
+    _check_gradient_memory(patcher)
     grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
     for step in range(1, steps + 1):
         alpha = step / steps
@@ -48,6 +49,20 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     per_atom = (minus @ grads.T).to("cpu", wide)  # [writer, atom]: scores live on the CPU
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
     return per_reader[g.edges[:, 0], g.edges[:, 1]] / steps  # [n_edges]
+
+
+def _check_gradient_memory(patcher: EdgePatcher) -> None:
+    """Refuse, before any pass, a gradient sum [atom, batch*pos*d] that cannot fit in memory now."""
+    from mechscope.errors import InputError
+    from mechscope.models.hooked import _available_memory
+
+    b, p = patcher.batch.clean.shape
+    need = len(patcher.atoms) * b * p * patcher.model.cfg.d_model * patcher.model.dtype.itemsize
+    have = _available_memory()
+    if patcher.model.device.type == "cpu" and have is not None and need > have:
+        raise InputError(f"edge attribution sums the gradients at {len(patcher.atoms)} reader inputs over {b} prompts of "
+                         f"{p} tokens: {need / 2**30:.1f} GiB, and {have / 2**30:.1f} GiB is available: use fewer or "
+                         "shorter prompts, or a graph of fewer readers (Graph.from_model(model, layers=...))")
 
 
 def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: str):

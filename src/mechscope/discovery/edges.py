@@ -62,6 +62,7 @@ class EdgePatcher:
         # atoms: the separate inputs a reader stands for; atom_reader[a] is the reader it belongs to
         self.atoms = [(part, ri) for ri, r in enumerate(graph.readers) for part in r.parts]
         self.atom_reader = torch.tensor([ri for _, ri in self.atoms])
+        self._check_memory()
         self.inputs = LayerInputs(model, len(batch))
         with torch.no_grad():
             with self.inputs.recording():
@@ -141,6 +142,25 @@ class EdgePatcher:
                 clean = self.inputs.resid[layer]
             out[stage] = clean - total
         return out
+
+    def recording_bytes(self) -> int:
+        """What the recordings hold: each writer's clean output, ablated output and difference, each
+        layer's input and each reader stage's all-ablated base, all [batch, pos, d_model]."""
+        b, p = self.batch.clean.shape
+        n = 3 * len(self.graph.writers) + self.n_layers + 1 + 2 * self.n_layers + 2
+        return n * b * p * self.model.cfg.d_model * self.model.dtype.itemsize
+
+    def _check_memory(self) -> None:
+        """Refuse, before any forward, recordings that cannot fit in the memory available now."""
+        from mechscope.models.hooked import _available_memory
+
+        need, have = self.recording_bytes(), _available_memory()
+        if self.model.device.type == "cpu" and have is not None and need > have:
+            b, p = self.batch.clean.shape
+            raise InputError(f"edge patching {b} prompts of {p} tokens records {need / 2**30:.1f} GiB "
+                             f"({len(self.graph.writers)} writers x {b} x {p} x d_model {self.model.cfg.d_model}, three "
+                             f"times over), and {have / 2**30:.1f} GiB is available: use fewer or shorter prompts, or a "
+                             "graph of fewer writers (Graph.from_model(model, layers=...))")
 
     def _writer_layers(self) -> list[int]:
         return sorted({w.layer for w in self.graph.writers if w.kind != "input"})
