@@ -109,3 +109,4 @@ def test_factored_products_and_composition_scores_equal_their_definitions():
         assert scores[l1, h1, l2, h2].item() == pytest.approx(want.item(), rel=1e-9)
         assert (scores[2, :, 0] == 0).all() and (scores[1, :, 1] == 0).all()  # only earlier -> later
     assert torch.equal(model.W_Q, w.attention("q")[0]) and model.W_O.shape == (3, 4, 16, 64)
+    assert torch.equal(model.b_O, torch.zeros(3, 64, dtype=model.W_O.dtype))  # Llama's o_proj has no bias

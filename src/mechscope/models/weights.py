@@ -127,8 +127,9 @@ class Weights:
     @property
     def b_O(self) -> Tensor:
         """[layer, d_model]."""
+        like = self.adapter.W_O(0)  # dtype and device for the layers without a bias
         out = [self.adapter.b_O(l) for l in range(self.cfg.n_layers)]
-        return torch.stack([torch.zeros(self.cfg.d_model).to(self.W_O) if b is None else b.detach() for b in out])
+        return torch.stack([like.new_zeros(self.cfg.d_model) if b is None else b.detach() for b in out])
 
     def OV(self, *, fold_norm: bool = False) -> FactoredMatrix:
         """[layer, head]: d_model (the normalised stream a head reads) -> d_model (what it writes, before
