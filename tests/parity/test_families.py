@@ -138,9 +138,31 @@ def test_patching_equals_the_naive_reference_and_attribution_runs(pair):
         fast = activation_patch(model, batch, site=site, memory_mb=1)
         slow = naive_patch(model, batch, site, "denoise", False)
         torch.testing.assert_close(fast.values.reshape(slow.shape), slow, **exact_for(model))
+    for site, direction in (("head_k", "denoise"), ("resid_mid", "noise")):  # each row from its position on
+        if site == "resid_mid" and model.cfg.parallel_residual:
+            continue
+        fast = activation_patch(model, batch, site=site, direction=direction, per_position=True)
+        slow = naive_patch(model, batch, site, direction, True)
+        torch.testing.assert_close(fast.values.reshape(slow.shape), slow, **exact_for(model))
     with torch.enable_grad():
         atp = attribution_patch(model, batch, sites=["head_z"])["head_z"]
     assert atp.values.shape == (model.cfg.n_layers, model.cfg.n_heads) and atp.values.isfinite().all()
+
+
+def test_path_patching_at_one_position_equals_the_literal_method(pair):
+    """One position per prompt: step 1 at that position alone, step 2 from it on."""
+    from test_path_patching import literal_path_patch
+
+    from mechscope.patching import path_patch
+
+    _, model = pair
+    batch = tiny_batch(model)
+    last = model.cfg.n_layers - 1
+    for receivers, receiver_input, at in (("logits", "q", "read"), ([(last, 0)], "k", torch.tensor([8, 11])),
+                                          ([(last, 1), (1, 0)], "q", "read")):
+        fast = path_patch(model, batch, receivers=receivers, receiver_input=receiver_input, at=at)
+        slow = literal_path_patch(model, batch, receivers, receiver_input, at, "noise")
+        torch.testing.assert_close(fast.values, slow, **exact_for(model))
 
 
 def test_edge_patching_ends_at_the_clean_and_the_corrupt_run(pair):

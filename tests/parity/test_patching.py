@@ -50,7 +50,7 @@ def naive_patch(model, batch, site, direction, per_position):
 
 
 CASES = [(f, s, d, False) for f in FAMILIES for s in SITES for d in ("denoise", "noise")]
-CASES += [(f, s, "denoise", True) for f in FAMILIES for s in SITES]
+CASES += [(f, s, d, True) for f in FAMILIES for s in SITES for d in ("denoise", "noise")]
 
 
 @pytest.mark.parametrize("family, site, direction, per_position", CASES)
@@ -129,3 +129,23 @@ def test_transformer_lens_site_names_and_query_head_layout():
     assert set(atp) == {"z", "resid_pre"}  # keyed by the names given
     with pytest.raises(Exception, match="or a hook name such as blocks.0.attn.hook_z"):
         activation_patch(model, batch, site="blocks.x.attn.hook_z")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resuming_after_the_unchanged_prefix_changes_no_number(family, monkeypatch):
+    """Each patched row runs only from the first position it changes (the patched one, or the first
+    token where source and target differ), over the target's keys and values: the same numbers as
+    running every position."""
+    from mechscope.patching.exact import _first_difference
+    from mechscope.patching.resume import LayerInputs
+
+    model = tiny_model(family)
+    batch = tiny_batch(model)
+    assert (_first_difference(batch.clean, batch.corrupt) > 0).all()  # the pairs share a prefix
+    cases = [("head_z", False, "denoise"), ("resid_pre", True, "noise"), ("head_v", True, "denoise")]
+    resumed = [activation_patch(model, batch, site=s, per_position=p, direction=d).values for s, p, d in cases]
+    monkeypatch.setattr(LayerInputs, "resumable", property(lambda self: False))
+    for (site, per_position, direction), fast in zip(cases, resumed):
+        full = activation_patch(model, batch, site=site, per_position=per_position, direction=direction).values
+        torch.testing.assert_close(fast, full, **exact_for(model))
+        assert fast.abs().max() > 1e-3, site

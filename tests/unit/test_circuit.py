@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from mechscope import InputError
-from mechscope.analysis.circuit import faithfulness, group_means, parse_heads
+from mechscope.analysis.circuit import Knockouts, faithfulness, group_means, parse_heads
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.tasks import ContrastiveBatch
 
@@ -53,6 +53,19 @@ def test_faithfulness_against_a_literal_knockout(model):
     assert result.n_heads == 2 and result.ratio == pytest.approx(expected / result.model_logit_diff)
     whole = [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     assert faithfulness(model, batch, whole).ratio == pytest.approx(1.0, abs=1e-10)
+
+
+def test_knockouts_resumed_from_a_remembered_circuit_equal_fresh_ones(model):
+    """Sets C \\ K resume from C's recorded run at K's first layer: the numbers of running them alone."""
+    batch = grouped_batch(model)
+    circuit = {(0, 1), (1, 2), (2, 0), (2, 3)}
+    sets = [circuit - {h} for h in sorted(circuit)] + [circuit - {(2, 0), (2, 3)}, set(), circuit | {(1, 0)}, circuit]
+    fresh = Knockouts(model, batch)
+    expected = [fresh.logit_diffs([s])[0] for s in sets]  # one at a time, from the clean run
+    ko = Knockouts(model, batch, chunk=3)
+    ko.remember(circuit)
+    assert ko.logit_diffs(sets) == pytest.approx(expected, abs=1e-10)
+    assert len({round(v, 6) for v in expected}) == len(sets)  # every set changes the number
 
 
 def test_bad_heads():

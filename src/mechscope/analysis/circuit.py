@@ -9,8 +9,10 @@ F(M): the model's logit difference; F(C): with every head outside C knocked out.
 - minimality: for each head v, max over K of |F(C \\ (K + v)) - F(C \\ K)| should be large (every head
   matters for some K); K is tried empty and as v's own class.
 
-`Knockouts` runs many knockout sets as one batch, resuming from the first ablated layer, and
-unembeds only the read positions.
+`Knockouts` runs many knockout sets as one batch and unembeds only the read positions. Each set
+resumes from a recorded run that knocks out the same heads in the layers before it: the clean run
+(from the first ablated layer), or a run recorded with `remember` (a circuit C, for the sets C \\ K
+that completeness and minimality try, from the first layer of K).
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ class Knockouts:
         with torch.no_grad(), self.inputs.recording():
             logits = model(batch.clean)
         self.model_logit_diff = logit_diff(read_logits(logits, batch), batch).mean().item()  # F(M)
+        # Recorded runs to resume from: (which heads each knocks out [layer, head], its layers' inputs, its F)
+        no_ablation = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool, device=model.device)
+        self.bases: list[tuple[Tensor, LayerInputs, float]] = [(no_ablation, self.inputs, self.model_logit_diff)]
+
+    def remember(self, keep: Iterable[Head]) -> None:
+        """Record the run that knocks out every head outside `keep`: knockout sets that agree with it
+        on the first layers resume from it (the same numbers, less work)."""
+        keep = set(keep)
+        self.check(keep)
+        inputs = LayerInputs(self.model, len(self.batch))
+        hooks = knockout_hooks(self.model, keep, self.means)
+        with torch.no_grad(), inputs.recording(), self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(self.batch.clean)
+        value = logit_diff(read_logits(logits, self.batch), self.batch).mean().item()
+        self.bases.append((self._ablated([keep])[0], inputs, value))
 
     def check(self, heads: Iterable[Head]) -> None:
         bad = sorted(set(heads) - self.heads)
@@ -103,22 +120,46 @@ class Knockouts:
 
     def logit_diffs(self, keeps: Sequence[set[Head]]) -> list[float]:
         """The mean logit difference with every head outside each `keeps[j]` knocked out."""
-        out: list[float] = []
+        n_layers = self.model.cfg.n_layers
+        ablate = self._ablated(keeps)  # [variant, layer, head]
+        # Each set's base: the recorded run that agrees with it on the most leading layers.
+        plan = []  # (base, first layer that differs from it, variant)
+        for j in range(len(keeps)):
+            firsts = []
+            for base, _, _ in self.bases:
+                differs = (ablate[j] != base).any(-1).nonzero()  # layers where the set and the base differ
+                firsts.append(int(differs[0]) if len(differs) else n_layers)
+            best = max(range(len(self.bases)), key=lambda i: firsts[i])
+            plan.append((best, firsts[best], j))
+        out = [0.0] * len(keeps)
+        plan.sort(key=lambda p: (p[0], -p[1]))  # one base per batch, each batch's sets starting close together
+        batches = [plan[i:i + self.chunk] for i in range(0, len(plan), self.chunk)]
+        batches = [[p for p in batch if p[0] == base] for batch in batches for base in sorted({p[0] for p in batch})]
         with progress_bar(self.progress and len(keeps) > self.chunk, len(keeps), "knockouts") as bar:
-            for i in range(0, len(keeps), self.chunk):
-                out += self._run(keeps[i:i + self.chunk])
-                bar.advance(len(keeps[i:i + self.chunk]))
+            for batch in batches:
+                base, start = batch[0][0], min(p[1] for p in batch)
+                _, inputs, value = self.bases[base]
+                variants = [p[2] for p in batch]
+                values = [value] * len(batch) if start == n_layers else self._run(ablate[variants], inputs, start)
+                for j, v in zip(variants, values):
+                    out[j] = v
+                bar.advance(len(batch))
         return out
 
-    def _run(self, keeps: Sequence[set[Head]]) -> list[float]:
-        cfg, b, k = self.model.cfg, len(self.batch), len(keeps)
-        ablate = torch.ones(k, cfg.n_layers, cfg.n_heads, dtype=torch.bool, device=self.model.device)  # [variant, layer, head]
+    def _ablated(self, keeps: Sequence[set[Head]]) -> Tensor:
+        """Which heads each knockout set ablates: [variant, layer, head] booleans."""
+        cfg = self.model.cfg
+        ablate = torch.ones(len(keeps), cfg.n_layers, cfg.n_heads, dtype=torch.bool, device=self.model.device)
         for j, keep in enumerate(keeps):
             for l, h in keep:
                 ablate[j, l, h] = False
-        layers = [l for l in range(cfg.n_layers) if ablate[:, l].any()]
-        if not layers:
-            return [self.model_logit_diff] * k
+        return ablate
+
+    def _run(self, ablate: Tensor, inputs: LayerInputs, start: int) -> list[float]:
+        """Knockout sets ablate [variant, layer, head] that agree with the run `inputs` recorded on the
+        layers before `start`, run as one batch from there."""
+        cfg, b, k = self.model.cfg, len(self.batch), len(ablate)
+        layers = [l for l in range(start, cfg.n_layers) if ablate[:, l].any()]
         hooks = []
         for l in layers:
             name = f"blocks.{l}.attn.hook_z"
@@ -129,10 +170,9 @@ class Knockouts:
                 return torch.where(mask, mean, act).flatten(0, 1)
 
             hooks.append((name, knock))
-        first = layers[0]
-        hidden = self.inputs.resid[first].repeat(k, 1, 1)  # [variant * batch, pos, d_model]
+        hidden = inputs.resid[start].repeat(k, 1, 1)  # [variant * batch, pos, d_model]
         with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-            logits = self.inputs.run(hidden, first, k, self.batch.read_pos)  # [variant, batch, d_vocab]
+            logits = inputs.run(hidden, start, k, self.batch.read_pos)  # [variant, batch, d_vocab]
         return logit_diff(logits, self.batch).mean(-1).tolist()
 
 
@@ -153,6 +193,12 @@ class Faithfulness:
 
 def _knockouts(model, batch, knockouts: Knockouts | None, reference) -> Knockouts:
     return knockouts if knockouts is not None else Knockouts(model, batch, reference=reference)
+
+
+def _remember(ko: Knockouts, circuit: set[Head]) -> None:
+    """Record the circuit's run once, for the sets C \\ K to resume from."""
+    if not any(torch.equal(base, ko._ablated([circuit])[0]) for base, _, _ in ko.bases):
+        ko.remember(circuit)
 
 
 def faithfulness(model: HookedModel, batch: ContrastiveBatch, circuit: Iterable[Head | str], *,
@@ -186,6 +232,7 @@ def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[s
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
+    _remember(ko, circuit)
     fc, fm = ko.logit_diffs([circuit, ko.heads])
     tried = [{"removed": [], "circuit": fc, "model": fm, "gap": abs(fc - fm)}]
     best, chosen = tried[0], []
@@ -216,6 +263,7 @@ def minimality(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[str
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
+    _remember(ko, circuit)
     heads = sorted((v, c) for c, hs in members.items() for v in hs)
     keeps = [circuit] + [circuit - members[c] for c in members]
     for v, c in heads:

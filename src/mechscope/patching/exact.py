@@ -6,7 +6,10 @@ measures the metric. Three things make it fast without changing a number:
 1. each patched run resumes from the target's cached residual stream at the patched layer;
 2. the variants of one layer run as one batch (chunked by `memory_mb`), each row patching its own
    component through a mask;
-3. only the positions the metric reads are unembedded.
+3. only the positions the metric reads are unembedded;
+4. positions before the first one a variant changes are the target's, so each row runs only from
+   there on, on top of the target's keys and values (patching/suffix.py): the patched position
+   per position, the first token where source and target differ otherwise.
 """
 
 from __future__ import annotations
@@ -68,12 +71,14 @@ def activation_patch(
 
     hooks = [spec.hook_name(layer) for layer in layers]
     inputs = LayerInputs(model, len(batch))
+    by_position = spec.pos_dim == 0  # every site but the pattern, whose key axis is not cut
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(source, names_filter=hooks)
         # The target run is recorded under the attention the patched runs will use (eager for patterns).
         same_attention = [(hooks[0], lambda act, hook: None)] if spec.name == "head_pattern" else []
-        with inputs.recording(), model.hooks(fwd_hooks=same_attention):
+        with inputs.recording(keys_values=by_position), model.hooks(fwd_hooks=same_attention):
             target_logits = model.hf(input_ids=target, use_cache=False).logits  # no KV cache to replay
+    by_position = by_position and inputs.resumable
     clean_logits, corrupt_logits = (source_logits, target_logits) if direction == "denoise" else (target_logits, source_logits)
     name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
     clean_metric = _mean_metric(fn, read_logits(clean_logits, batch)[None], batch).item()
@@ -83,15 +88,24 @@ def activation_patch(
 
     wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
     values = torch.zeros(len(layers), len(heads), len(positions), dtype=wide)  # squeezed to the result's axes below
-    components = [(hi, h, pi, p) for hi, h in enumerate(heads) for pi, p in enumerate(positions)]
+    components = [(hi, h, pi, p) for pi, p in enumerate(positions) for hi, h in enumerate(heads)]
     per_chunk = _variants_per_chunk(model, batch, memory_mb)
+    differ = _first_difference(source, target)  # [batch]
     with torch.no_grad(), progress_bar(progress, len(layers) * len(components), f"patching {site}") as bar:
         for li, layer in enumerate(layers):
             src = source_cache[hooks[li]]  # [batch, *site shape]
-            for i in range(0, len(components), per_chunk):
-                chunk = components[i : i + per_chunk]
-                mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
-                patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
+            chunks = _position_chunks(components, per_chunk, int(batch.read_pos.max())) if by_position and \
+                per_position else [components[i : i + per_chunk] for i in range(0, len(components), per_chunk)]
+            for chunk in chunks:
+                if by_position:
+                    starts = differ.repeat(len(chunk)) if not per_position else \
+                        torch.tensor([p for *_, p in chunk], device=differ.device).repeat_interleave(len(batch))  # [k * batch]
+                    heads_mask = variant_mask(spec, src.shape[1:], [(h, None) for _, h, _, _ in chunk])
+                    patched = _suffix_metric(model, inputs, batch, fn, layer, hooks[li], src, heads_mask[:, 0],
+                                             starts, all_positions=not per_position)  # [k]
+                else:
+                    mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
+                    patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
                 for (hi, _, pi, _), value in zip(chunk, patched):
                     values[li, hi, pi] = value.item() - baseline
                 bar.advance(len(chunk))
@@ -120,6 +134,53 @@ def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str
     with model.hooks(fwd_hooks=[(hook, masked_writer(src, mask, len(batch)))]):
         logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
     return _mean_metric(fn, logits, batch)
+
+
+def _suffix_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, heads: Tensor,
+                   starts: Tensor, all_positions: bool) -> Tensor:
+    """`_patched_metric` for variants that leave every position before starts [k * batch] alone:
+    each row runs from its start on; heads [k, *site shape without pos] marks what variant j patches
+    (at its start, or at every position from there)."""
+    k = heads.shape[0]
+    suffix = inputs.suffix(starts, batch.read_pos)
+    hidden = suffix.gather(inputs.resid[layer])  # [k * batch, length, d_model]
+    where = heads.repeat_interleave(len(batch), 0).to(src.device)  # [k * batch, *rest]
+    if all_positions:
+        rows = suffix.gather(src)  # [k * batch, length, *rest]
+
+        def write(act, _):
+            return torch.where(where[:, None], rows.to(act.device), act)
+    else:
+        first = suffix.first(src)  # [k * batch, *rest]
+
+        def write(act, _):
+            return torch.cat([torch.where(where, first.to(act.device), act[:, 0])[:, None], act[:, 1:]], 1)
+
+    with model.hooks(fwd_hooks=[(hook, write)]):
+        logits = inputs.run(hidden, layer, k, batch.read_pos, suffix)  # [k, batch, d_vocab]
+    return _mean_metric(fn, logits, batch)
+
+
+def _position_chunks(components: list, per_chunk: int, last_read: int, slack: float = 1.25) -> list[list]:
+    """Per-position variants in batches of nearby positions: a batch runs as many positions as its
+    earliest variant needs (from there to the last read position), so a batch grows only while
+    that costs at most `slack` times what its variants need each."""
+    chunks, chunk, need = [], [], 0
+    for c in components:  # in order of position
+        length = max(1, last_read - c[3] + 1)  # positions this variant runs
+        longest = max(1, last_read - chunk[0][3] + 1) if chunk else length
+        if chunk and (len(chunk) >= per_chunk or (len(chunk) + 1) * longest > slack * (need + length)):
+            chunks.append(chunk)
+            chunk, need = [], 0
+        chunk.append(c)
+        need += length
+    return chunks + [chunk] if chunk else chunks
+
+
+def _first_difference(source: Tensor, target: Tensor) -> Tensor:
+    """Each prompt's first position where source and target tokens differ (its length if none): [batch]."""
+    same = (source == target).int().cumprod(1)  # [batch, pos]: 1 while the prefix agrees
+    return same.sum(1)
 
 
 def _mean_metric(fn: Metric, logits: Tensor, batch: ContrastiveBatch) -> Tensor:

@@ -11,6 +11,13 @@ For each sender head s:
 The paper patches senders to their values on the corrupted (ABC) distribution inside clean runs:
 that is direction="noise", the default here. Senders run as one batch per layer, resuming from
 the target's residual stream at the sender's layer, like the exact engine.
+
+Two exact shortcuts when receivers read one position per prompt (the logits at the read position,
+or `at` = "read" or given positions):
+- in step 1 every head after the sender is frozen, so no position reads another any more: each
+  position is its own computation, and step 1 runs only the position the receivers read;
+- in step 2 the positions before the patched one are the target's, so each prompt runs from its
+  patched position on, over the target's keys and values (patching/suffix.py).
 """
 
 from __future__ import annotations
@@ -87,10 +94,15 @@ def path_patch(
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
     recv_names = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if not to_logits else []
     inputs = LayerInputs(model, len(batch))
+    one_position = to_logits or not (isinstance(at, str) and at == "all")
     with torch.no_grad():
         source_logits, source_cache = model.run_with_cache(source, names_filter=z_names)
-        with inputs.recording():
+        with inputs.recording(keys_values=one_position):
             target_logits, target_cache = model.run_with_cache(target, names_filter=z_names + recv_names)
+    one_position = one_position and inputs.resumable
+    # Where the receivers read, per prompt: [batch]
+    where = batch.read_pos if to_logits or isinstance(at, str) and at == "read" else at
+    where = where.to(model.device) if isinstance(where, Tensor) else where
     clean_logits = target_logits if direction == "noise" else source_logits
     name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
     baseline = _mean_metric(fn, read_logits(target_logits, batch)[None], batch).item()
@@ -105,6 +117,12 @@ def path_patch(
             heads = chosen[layer]
             k = len(heads)  # one variant per sender head of this layer
             if not k:
+                continue
+            if one_position:
+                values[layer, heads] = (_one_position(model, inputs, batch, fn, layer, heads, last, where, to_logits,
+                                                      receivers, receiver_input, recv_names, source_cache,
+                                                      target_cache) - baseline).cpu()
+                bar.advance(k)
                 continue
             frozen = _freeze_hooks(model, layer, heads, len(batch), source_cache, target_cache)
             hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
@@ -132,6 +150,54 @@ def path_patch(
         extra={"receivers": receiver_text, "receiver_input": None if to_logits else receiver_input,
                "at": at.tolist() if isinstance(at, Tensor) else at},
     )
+
+
+def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, receivers,
+                  receiver_input, recv_names, source_cache, target_cache) -> Tensor:
+    """Both steps for receivers that read one position per prompt (`where` [batch]): the mean metric
+    of the k = len(heads) senders of `layer`, [k]."""
+    b, k = len(batch), len(heads)
+    starts = where.repeat(k)  # [k * batch]
+    point = inputs.suffix(starts, batch.read_pos, length=1)  # step 1: the read position only
+    head_mask = torch.zeros(k, model.cfg.n_heads, dtype=torch.bool, device=model.device)  # [k, head]
+    head_mask[torch.arange(k), torch.tensor(heads)] = True
+    sender = head_mask.repeat_interleave(b, 0)[:, None, :, None]  # [k * batch, 1, head, 1]
+    hooks = []
+    for l in range(layer, model.cfg.n_layers if to_logits else last + 1):
+        name = f"blocks.{l}.attn.hook_z"
+        frozen = point.first(target_cache[name])[:, None]  # [k * batch, 1, head, d_head]: the target's z there
+        if l == layer:
+            frozen = torch.where(sender, point.first(source_cache[name])[:, None], frozen)
+        hooks.append((name, lambda act, hook, z=frozen: z))
+    hidden = point.gather(inputs.resid[layer])  # [k * batch, 1, d_model]
+    if to_logits:
+        with model.hooks(fwd_hooks=hooks):
+            return _mean_metric(fn, inputs.run(hidden, layer, k, batch.read_pos, point), batch)  # [k]
+
+    recorded = {}
+
+    def record(act, hook):
+        recorded[hook.name] = act[:, 0].detach().clone()  # [k * batch, head, d_head]
+
+    with model.hooks(fwd_hooks=hooks + [(n, record) for n in recv_names]):
+        inputs.run_layers(hidden, layer, last + 1, k, point)
+
+    # Step 2: from each prompt's patched position on, the receivers' inputs there set as recorded.
+    suffix = inputs.suffix(starts, batch.read_pos)
+    first = min(l for l, _ in receivers)
+    writes = []
+    for name, value in recorded.items():
+        layer_heads = [h for l, h in receivers if l == int(name.split(".")[1])]
+
+        def write(act, hook, value=value, layer_heads=layer_heads):
+            out = act.clone()  # [k * batch, length, head, d_head]
+            out[:, 0, layer_heads] = value[:, layer_heads]
+            return out
+
+        writes.append((name, write))
+    with model.hooks(fwd_hooks=writes):
+        logits = inputs.run(suffix.gather(inputs.resid[first]), first, k, batch.read_pos, suffix)  # [k, batch, d_vocab]
+    return _mean_metric(fn, logits, batch)
 
 
 def _freeze_hooks(model, layer: int, heads: list[int], b: int, source_cache, target_cache) -> list:

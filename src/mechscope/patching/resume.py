@@ -2,7 +2,9 @@
 the inputs it gave them on a recorded run, on new residual streams.
 
 Layers before the patched one see no change, so a patched run can start from the cached residual
-stream there. Many patched variants run as one batch: variant-major, row k * batch + b.
+stream there. Many patched variants run as one batch: variant-major, row k * batch + b. Positions
+before the patched one see no change either: recorded with `keys_values=True`, a run can also start
+at a position (`Suffix`, patching/suffix.py).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor
 
 from mechscope.metrics import at_positions
 from mechscope.models.hooked import HookedModel
+from mechscope.patching.suffix import LayerCall, Suffix
 
 
 class LayerInputs:
@@ -25,10 +29,17 @@ class LayerInputs:
         self.batch_size = batch_size
         self.resid: list[Tensor] = []  # per layer, [batch, pos, d_model]
         self.rest: list[tuple[tuple, dict]] = []
+        self.final: Tensor | None = None  # [batch, pos, d_model]: after the last layer
+        self.keys: list[Tensor] = []  # per layer, [batch, kv_head, pos, d_head] (with keys_values=True)
+        self.values: list[Tensor] = []
+        self._calls: list[LayerCall] = []
         self._tiled: dict[int, list[tuple[tuple, dict]]] = {}
 
     @contextmanager
-    def recording(self) -> Iterator["LayerInputs"]:
+    def recording(self, keys_values: bool = False) -> Iterator["LayerInputs"]:
+        """Record the layers' inputs on the forward run inside the block. With `keys_values`, each
+        layer is then called once more on its recorded input to keep its keys and values, so that
+        runs can resume at a position (`run(..., suffix=)`); outside the caller's hooks, as recorded."""
         from transformers.cache_utils import Cache
 
         def record(module, args, kwargs):
@@ -38,12 +49,44 @@ class LayerInputs:
             rest = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items() if k != "hidden_states"}
             self.rest.append((tuple(None if isinstance(a, Cache) else a for a in args[1:]), rest))
 
-        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.model.adapter.layer_modules()]
+        def record_final(module, args, out):
+            self.final = (out[0] if isinstance(out, tuple) else out).detach()
+
+        layers = self.model.adapter.layer_modules()
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+        handles.append(layers[-1].register_forward_hook(record_final))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
+        self._calls = [LayerCall(layer, *rest) for layer, rest in zip(layers, self.rest)]
+        if keys_values and self.resumable:
+            self._keep_keys_values()
+
+    @property
+    def resumable(self) -> bool:
+        """Whether runs can resume at a position: every layer's arguments are understood."""
+        n_pos = self.resid[0].shape[1]
+        return bool(self._calls) and all(call.resumable(n_pos) for call in self._calls)
+
+    def _keep_keys_values(self) -> None:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()  # no config: full layers, whatever the model's sliding windows
+        with torch.no_grad():
+            for call, hidden in zip(self._calls, self.resid):
+                call.run(hidden, cache)
+        self.keys = [layer.keys for layer in cache.layers]
+        self.values = [layer.values for layer in cache.layers]
+
+    def suffix(self, starts: Tensor, read_pos: Tensor, length: int | None = None) -> Suffix:
+        """Rows (variant-major) that start at starts [k * batch] and run to their read positions, or
+        `length` positions."""
+        n_pos = self.resid[0].shape[1]
+        if length is not None:
+            return Suffix(starts, length, self.batch_size, n_pos)
+        return Suffix.through(starts, read_pos, self.batch_size, n_pos)
 
     def _tile(self, value: Any, k: int) -> Any:
         """Repeat batch-indexed tensors k times along the batch (variant-major)."""
@@ -64,16 +107,37 @@ class LayerInputs:
             self._tiled = {k: [self._tile(rest, k) for rest in self.rest]}  # keep one size at a time
         return self._tiled[k]
 
-    def run_layers(self, hidden: Tensor, start: int, stop: int, k: int) -> Tensor:
-        """Layers start..stop-1 on hidden [k * batch, pos, d_model]; the residual stream after them."""
+    def run_layers(self, hidden: Tensor, start: int, stop: int, k: int, suffix: Suffix | None = None) -> Tensor:
+        """Layers start..stop-1 on hidden [k * batch, pos, d_model]; the residual stream after them.
+        With a suffix, hidden is [k * batch, suffix.length, d_model] at the suffix's positions."""
+        if suffix is not None:
+            from transformers import DynamicCache
+
+            if not self.keys:
+                raise RuntimeError("resuming at a position needs recording(keys_values=True) on a resumable model")
+            cache = DynamicCache()
+            for layer in range(start, stop):  # every position's recorded keys; the mask hides those replaced
+                cache.update(self.keys[layer][suffix.prompt], self.values[layer][suffix.prompt], layer)
+            for call in self._calls[start:stop]:
+                hidden = call.run_suffix(hidden, suffix, cache)  # [k * batch, length, d_model]
+            return hidden
         layers = self.model.adapter.layer_modules()
         for layer, (args, kwargs) in zip(layers[start:stop], self.tiled(k)[start:stop]):
             out = layer(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # [k * batch, pos, d_model]
         return hidden
 
-    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor) -> Tensor:
-        """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab]."""
-        hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k)
+    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
+        """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab].
+        With a suffix, a row whose read position comes before its start reads the recorded run."""
+        hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix)
+        if suffix is not None:
+            read = read_pos.to(hidden.device)[suffix.prompt.to(hidden.device)]  # [k * batch]
+            at = read - suffix.starts.to(hidden.device)  # [k * batch]: index in the suffix
+            rows = torch.arange(len(at), device=hidden.device)
+            final = hidden[rows, at.clamp(0, suffix.length - 1)]  # [k * batch, d_model]
+            before = self.final[suffix.prompt.to(hidden.device), read]  # [k * batch, d_model]
+            final = torch.where((at < 0)[:, None], before, final)
+            return self.model.logits_from_resid(final.view(k, self.batch_size, -1))  # [k, batch, d_vocab]
         final = at_positions(hidden.view(k, self.batch_size, *hidden.shape[1:]), read_pos)  # [k, batch, d_model]
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]

@@ -1,0 +1,122 @@
+"""Resuming at a position: a patched run that changes nothing before position p runs only positions
+p.. of each row, on top of the recorded run's keys and values before p (attention is causal, so the
+prefix is the recorded run's, bit for bit).
+
+1. Rows are variant-major (row r = variant * batch + prompt); each row has its own start, so one
+   batch can hold variants that patch different positions, or prompts whose patched token differs.
+2. Every row runs `length` positions: starts[r] .. starts[r] + length - 1 (past the prompt's end a
+   row repeats its last position; nothing reads those rows, and the causal mask keeps them from
+   the rows that are read).
+3. Each decoder layer is called as the model called it, with its recorded arguments cut to the
+   rows' positions (rotary tables, position ids), a key/value cache holding the recorded keys and
+   values of every position, and an attention mask that lets row r's position t see the recorded
+   keys before starts[r] and the new keys from starts[r] to t, as the recorded mask let t see them
+   (causality, padding and sliding windows come from it).
+
+The same Hugging Face modules compute everything; only the positions they are given change.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+
+# Where a decoder layer takes its key/value cache, by transformers' generations of names.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+class Suffix:
+    """Which positions each row runs: starts [rows] and a common length."""
+
+    def __init__(self, starts: Tensor, length: int, batch_size: int, n_pos: int):
+        self.starts = starts  # [rows]
+        self.length, self.batch_size, self.n_pos = length, batch_size, n_pos
+        self.prompt = torch.arange(len(starts), device=starts.device) % batch_size  # [rows]
+        steps = torch.arange(length, device=starts.device)
+        self.positions = (starts[:, None] + steps).clamp(max=n_pos - 1)  # [rows, length]
+        self._masks: dict[int, Tensor] = {}
+
+    @classmethod
+    def through(cls, starts: Tensor, read_pos: Tensor, batch_size: int, n_pos: int) -> "Suffix":
+        """Rows from starts [rows] to the furthest read position after them."""
+        prompt = torch.arange(len(starts), device=starts.device) % batch_size
+        length = int((read_pos.to(starts.device)[prompt] - starts).max().clamp(min=0)) + 1
+        return cls(starts, length, batch_size, n_pos)
+
+    def gather(self, t: Tensor) -> Tensor:
+        """A recorded [batch (or 1), pos, ...] tensor at each row's positions: [rows, length, ...]."""
+        prompt = self.prompt if t.shape[0] > 1 else torch.zeros_like(self.prompt)
+        return t[prompt.to(t.device)[:, None], self.positions.to(t.device)]
+
+    def first(self, t: Tensor) -> Tensor:
+        """A recorded [batch, pos, ...] tensor at each row's start: [rows, ...]."""
+        return t[self.prompt.to(t.device), self.starts.to(t.device)]
+
+    def mask(self, recorded: Tensor | None, dtype: torch.dtype, device) -> Tensor:
+        """The additive attention mask [rows, 1, length, pos + length] over (recorded keys, new keys)."""
+        key = id(recorded)
+        if key not in self._masks:
+            n, length = self.n_pos, self.length
+            if recorded is None:  # the plain causal mask
+                allowed = torch.ones(1, n, n, dtype=torch.bool, device=device).tril()
+            else:  # [batch or 1, 1, n, n]: boolean (True: attend) or additive (0: attend)
+                allowed = recorded[:, 0] if recorded.dtype == torch.bool else recorded[:, 0] == 0
+                dtype = dtype if recorded.dtype == torch.bool else recorded.dtype
+            prompt = (self.prompt if allowed.shape[0] > 1 else torch.zeros_like(self.prompt)).to(device)
+            positions = self.positions.to(device)
+            rows = allowed[prompt[:, None], positions]  # [rows, length, n]: what each position may see
+            old = rows & (torch.arange(n, device=device) < self.starts.to(device)[:, None, None])  # [rows, length, n]
+            new = rows.gather(2, positions[:, None, :].expand(-1, length, -1))  # [rows, length, length]
+            new &= torch.ones(length, length, dtype=torch.bool, device=device).tril()
+            both = torch.cat([old, new], -1)  # [rows, length, n + length]
+            self._masks[key] = torch.zeros(both.shape, dtype=dtype, device=device).masked_fill(
+                ~both, torch.finfo(dtype).min)[:, None]
+        return self._masks[key]
+
+
+class LayerCall:
+    """One decoder layer's recorded arguments by name, to call it again on a suffix."""
+
+    def __init__(self, layer: nn.Module, args: tuple, kwargs: dict):
+        params = list(inspect.signature(layer.forward).parameters)
+        self.layer = layer
+        self.arguments = dict(zip(params[1:], args)) | kwargs  # positional ones after hidden_states, named
+        self.cache_name = next((n for n in CACHE_ARGUMENTS if n in params or n in kwargs), None)
+
+    def run(self, hidden: Tensor, cache) -> Tensor:
+        """The layer on the whole recorded sequence, filling `cache` with its keys and values."""
+        out = self.layer(hidden, **{**self.arguments, self.cache_name: cache})
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_suffix(self, hidden: Tensor, suffix: Suffix, cache) -> Tensor:
+        """The layer on hidden [rows, length, d_model] at the suffix's positions."""
+        def cut(name, value):
+            if name == self.cache_name:
+                return cache
+            if name == "attention_mask":
+                return suffix.mask(value, hidden.dtype, hidden.device)
+            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == suffix.n_pos \
+                    and value.shape[0] in (1, suffix.batch_size):
+                return suffix.gather(value)
+            if isinstance(value, (tuple, list)):
+                return type(value)(cut(None, v) for v in value)
+            return value
+
+        out = self.layer(hidden, **{name: cut(name, v) for name, v in self.arguments.items()})
+        return out[0] if isinstance(out, tuple) else out
+
+    def resumable(self, n_pos: int) -> bool:
+        """Whether run_suffix understands every argument: a cache to fill, and no tensor over positions
+        that it would not know how to cut (such as a 1-d cache_position)."""
+        def known(name, value):
+            if isinstance(value, (tuple, list)):
+                return all(known(None, v) for v in value)
+            if isinstance(value, dict):
+                return False
+            if not isinstance(value, Tensor) or name == "attention_mask":
+                return True
+            return n_pos not in value.shape or (value.ndim >= 2 and value.shape[1] == n_pos)
+
+        return self.cache_name is not None and all(known(n, v) for n, v in self.arguments.items())
