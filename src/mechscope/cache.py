@@ -88,38 +88,51 @@ class ActivationCache:
         return range(n if layer is None or layer == -1 else layer)
 
     def stack_head_results(
-        self, layer: int = -1, *, return_labels: bool = False, apply_ln: bool = False
+        self, layer: int = -1, *, return_labels: bool = False, apply_ln: bool = False, positions: Tensor | None = None
     ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
         """Every head's write to the residual stream for the layers before `layer` (-1: all), stacked
         as components "L{l}H{h}". Uses cached `hook_result` where present, else computes it from
-        `hook_z` and the output projection (the attention bias is not a head's: it is left out)."""
+        `hook_z` and the output projection (the attention bias is not a head's: it is left out).
+        `positions` [batch]: only each prompt's one position, [component, batch, d_model] (what direct
+        logit attribution reads, without the whole [component, batch, pos, d_model] stack)."""
         a = self.model.adapter
         parts, labels = [], []
         for l in self._layers(layer):
-            result_name = f"blocks.{l}.attn.hook_result"
-            result = self._store.get(result_name)
+            result = self._store.get(f"blocks.{l}.attn.hook_result")
             if result is None:
+                z = self._at(self[f"blocks.{l}.attn.hook_z"], positions)  # [batch, pos (or 1), head, d_head]
                 with torch.no_grad():
-                    result = a.head_results(l, self[f"blocks.{l}.attn.hook_z"])  # [batch, pos, head, d_model]
-            parts.append(result.permute(2, 0, 1, 3))  # [head, batch, pos, d_model]
+                    result = a.head_results(l, z)  # [batch, pos (or 1), head, d_model]
+            else:
+                result = self._at(result, positions)
+            parts.append(result.permute(2, 0, 1, 3))  # [head, batch, pos (or 1), d_model]
             labels += [f"L{l}H{h}" for h in range(self.model.cfg.n_heads)]
         stack = torch.cat(parts) if parts else torch.empty(0)
-        return self._finish(stack, labels, return_labels, apply_ln)
+        stack = stack[:, :, 0] if positions is not None and parts else stack
+        return self._finish(stack, labels, return_labels, apply_ln, positions)
 
     def decompose_resid(
-        self, layer: int = -1, *, return_labels: bool = False, apply_ln: bool = False
+        self, layer: int = -1, *, return_labels: bool = False, apply_ln: bool = False, positions: Tensor | None = None
     ) -> Float[Tensor, "component batch pos d_model"] | tuple[Tensor, list[str]]:
         """The residual stream before `layer` (-1: the final one) as the sum of its parts: the
         embeddings, then each layer's attention and MLP outputs. The parts sum to `resid_pre` of
-        `layer` (or the last `resid_post`)."""
-        parts, labels = [self["hook_embed"]], ["embed"]
+        `layer` (or the last `resid_post`). `positions` [batch]: each prompt's one position only."""
+        names, labels = ["hook_embed"], ["embed"]
         if "hook_pos_embed" in self.model.hook_names:
-            parts.append(self["hook_pos_embed"])  # [batch, pos, d_model]
+            names.append("hook_pos_embed")  # [batch, pos, d_model]
             labels.append("pos_embed")
         for l in self._layers(layer):
-            parts += [self[f"blocks.{l}.hook_attn_out"], self[f"blocks.{l}.hook_mlp_out"]]
+            names += [f"blocks.{l}.hook_attn_out", f"blocks.{l}.hook_mlp_out"]
             labels += [f"{l}_attn_out", f"{l}_mlp_out"]
-        return self._finish(torch.stack(parts), labels, return_labels, apply_ln)
+        parts = [self._at(self[n], positions)[:, 0] if positions is not None else self[n] for n in names]
+        return self._finish(torch.stack(parts), labels, return_labels, apply_ln, positions)
+
+    @staticmethod
+    def _at(act: Tensor, positions: Tensor | None) -> Tensor:
+        """act [batch, pos, ...] at one position per prompt, keeping a pos axis of 1 (all of it if None)."""
+        if positions is None:
+            return act
+        return act[torch.arange(len(act), device=act.device), positions.to(act.device)][:, None]
 
     def accumulated_resid(
         self, layer: int = -1, *, return_labels: bool = False, apply_ln: bool = False
@@ -136,7 +149,7 @@ class ActivationCache:
         return self._finish(torch.stack(parts), labels, return_labels, apply_ln)
 
     def apply_ln_to_stack(
-        self, residual_stack: Float[Tensor, "... batch pos d_model"]
+        self, residual_stack: Float[Tensor, "... batch pos d_model"], positions: Tensor | None = None
     ) -> Float[Tensor, "... batch pos d_model"]:
         """Fold the final norm into a stack of residual-stream parts, with the scale it had on this
         forward (`ln_final.hook_scale`): center (LayerNorm only), divide by the scale, multiply by the
@@ -149,10 +162,13 @@ class ActivationCache:
         if a.norm_kind == "layernorm":
             x = x - x.mean(-1, keepdim=True)
         scale = self["ln_final.hook_scale"]  # [batch, pos, 1]
+        if positions is not None:  # a stack [..., batch, d_model] at one position per prompt
+            scale = self._at(scale, positions)[:, 0]  # [batch, 1]
         out = widen(x) / scale * widen(norm_weight(a.norm_kind, norm))  # a linear fold: as wide as the model
         return out.to(residual_stack.dtype)
 
-    def _finish(self, stack: Tensor, labels: list[str], return_labels: bool, apply_ln: bool):
+    def _finish(self, stack: Tensor, labels: list[str], return_labels: bool, apply_ln: bool,
+                positions: Tensor | None = None):
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack)
+            stack = self.apply_ln_to_stack(stack, positions)
         return (stack, labels) if return_labels else stack

@@ -89,3 +89,20 @@ def test_bad_receivers():
         path_patch(model, batch, receivers=[(0, 1)])
     with pytest.raises(InputError, match="receiver_input 'q', 'k' or 'v'"):
         path_patch(model, batch, receivers=[(2, 1)], receiver_input="z")
+
+
+def test_recorded_runs_shared_between_calls_give_the_same_numbers():
+    from mechscope.patching import record_runs
+
+    model = tiny_model("llama-gqa")
+    batch = tiny_batch(model)
+    runs = record_runs(model, batch)
+    for receivers, receiver_input, at in (([(2, 1)], "q", "read"), ([(2, 0)], "v", torch.tensor([8, 11])),
+                                          ("logits", "q", "all"), ([(1, 0)], "k", "all")):
+        shared = path_patch(model, batch, receivers=receivers, receiver_input=receiver_input, at=at, runs=runs)
+        alone = path_patch(model, batch, receivers=receivers, receiver_input=receiver_input, at=at)
+        torch.testing.assert_close(shared.values, alone.values, **EXACT)
+    with pytest.raises(InputError, match="another batch or direction"):
+        path_patch(model, batch, direction="denoise", runs=runs)
+    with pytest.raises(InputError, match="another batch or direction"):
+        path_patch(model, tiny_batch(model), runs=runs)

@@ -84,3 +84,14 @@ def test_direct_logit_attribution_sums_to_logits(model, tokens):
     if model.b_U is not None:
         constant = constant + model.b_U
     torch.testing.assert_close(direct.sum(0) + constant, logits, **exact_for(model))  # the norm, folded
+
+
+def test_stacks_at_one_position_per_prompt_are_the_full_stacks_there(model, tokens):
+    """`positions=`: each prompt's one position, without building the [component, batch, pos, d_model] stack."""
+    _, cache = model.run_with_cache(tokens)
+    positions = torch.arange(tokens.shape[0]) % tokens.shape[1]  # a different position per prompt
+    rows = torch.arange(tokens.shape[0])
+    for stack in (cache.stack_head_results, cache.decompose_resid):
+        for apply_ln in (False, True):
+            full = stack(apply_ln=apply_ln)[:, rows, positions]  # [component, batch, d_model]
+            torch.testing.assert_close(stack(apply_ln=apply_ln, positions=positions), full, **exact_for(model))

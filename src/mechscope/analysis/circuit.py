@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import logit_diff, read_logits
+from mechscope.metrics import at_positions, logit_diff, read_logits
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.resume import LayerInputs
 from mechscope.progress import progress_bar
@@ -101,16 +101,24 @@ class Knockouts:
         self.bases: list[tuple[Tensor, LayerInputs, float]] = [(no_ablation, self.inputs, self.model_logit_diff)]
 
     def remember(self, keep: Iterable[Head]) -> None:
-        """Record the run that knocks out every head outside `keep`: knockout sets that agree with it
-        on the first layers resume from it (the same numbers, less work)."""
+        """Record the run that knocks out every head outside `keep` (itself resumed from the best run
+        recorded so far): knockout sets that agree with it on the first layers resume from it."""
         keep = set(keep)
         self.check(keep)
+        ablate = self._ablated([keep])[0]  # [layer, head]
+        base, start = self._base_for(ablate)
+        if start == self.model.cfg.n_layers:
+            return  # a recorded run knocks out the same heads
+        known = self.bases[base][1]
         inputs = LayerInputs(self.model, len(self.batch))
-        hooks = knockout_hooks(self.model, keep, self.means)
-        with torch.no_grad(), inputs.recording(), self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(self.batch.clean)
-        value = logit_diff(read_logits(logits, self.batch), self.batch).mean().item()
-        self.bases.append((self._ablated([keep])[0], inputs, value))
+        inputs.rest, inputs.resid = known.rest, list(known.resid[:start])
+        hidden = known.resid[start]  # [batch, pos, d_model]
+        with torch.no_grad():
+            for layer in range(start, self.model.cfg.n_layers):
+                inputs.resid.append(hidden)
+                hidden = self._layer(hidden, layer, ablate[None])
+        inputs.final = hidden
+        self.bases.append((ablate, inputs, self._logit_diffs(hidden, 1)[0]))
 
     def check(self, heads: Iterable[Head]) -> None:
         bad = sorted(set(heads) - self.heads)
@@ -122,29 +130,30 @@ class Knockouts:
         """The mean logit difference with every head outside each `keeps[j]` knocked out."""
         n_layers = self.model.cfg.n_layers
         ablate = self._ablated(keeps)  # [variant, layer, head]
-        # Each set's base: the recorded run that agrees with it on the most leading layers.
-        plan = []  # (base, first layer that differs from it, variant)
-        for j in range(len(keeps)):
-            firsts = []
-            for base, _, _ in self.bases:
-                differs = (ablate[j] != base).any(-1).nonzero()  # layers where the set and the base differ
-                firsts.append(int(differs[0]) if len(differs) else n_layers)
-            best = max(range(len(self.bases)), key=lambda i: firsts[i])
-            plan.append((best, firsts[best], j))
+        plan = sorted((self._base_for(ablate[j])[::-1] + (j,) for j in range(len(keeps))))  # (start, base, variant)
         out = [0.0] * len(keeps)
-        plan.sort(key=lambda p: (p[0], -p[1]))  # one base per batch, each batch's sets starting close together
-        batches = [plan[i:i + self.chunk] for i in range(0, len(plan), self.chunk)]
-        batches = [[p for p in batch if p[0] == base] for batch in batches for base in sorted({p[0] for p in batch})]
+        for start, base, j in plan:
+            if start == n_layers:  # knocks out what a recorded run does
+                out[j] = self.bases[base][2]
+        plan = [p for p in plan if p[0] < n_layers]
         with progress_bar(self.progress and len(keeps) > self.chunk, len(keeps), "knockouts") as bar:
-            for batch in batches:
-                base, start = batch[0][0], min(p[1] for p in batch)
-                _, inputs, value = self.bases[base]
-                variants = [p[2] for p in batch]
-                values = [value] * len(batch) if start == n_layers else self._run(ablate[variants], inputs, start)
-                for j, v in zip(variants, values):
-                    out[j] = v
+            bar.advance(len(keeps) - len(plan))
+            for i in range(0, len(plan), self.chunk):
+                batch = plan[i:i + self.chunk]
+                for (_, _, j), value in zip(batch, self._run(batch, ablate)):
+                    out[j] = value
                 bar.advance(len(batch))
         return out
+
+    def _base_for(self, ablate: Tensor) -> tuple[int, int]:
+        """The recorded run that agrees with a knockout set ablate [layer, head] on the most leading
+        layers, and the first layer where they differ (n_layers: none)."""
+        firsts = []
+        for base, _, _ in self.bases:
+            differs = (ablate != base).any(-1).nonzero()  # layers where the set and the base differ
+            firsts.append(int(differs[0]) if len(differs) else self.model.cfg.n_layers)
+        best = max(range(len(self.bases)), key=lambda i: firsts[i])
+        return best, firsts[best]
 
     def _ablated(self, keeps: Sequence[set[Head]]) -> Tensor:
         """Which heads each knockout set ablates: [variant, layer, head] booleans."""
@@ -155,25 +164,35 @@ class Knockouts:
                 ablate[j, l, h] = False
         return ablate
 
-    def _run(self, ablate: Tensor, inputs: LayerInputs, start: int) -> list[float]:
-        """Knockout sets ablate [variant, layer, head] that agree with the run `inputs` recorded on the
-        layers before `start`, run as one batch from there."""
-        cfg, b, k = self.model.cfg, len(self.batch), len(ablate)
-        layers = [l for l in range(start, cfg.n_layers) if ablate[:, l].any()]
-        hooks = []
-        for l in layers:
-            name = f"blocks.{l}.attn.hook_z"
-            mask = ablate[:, l][:, None, None, :, None]  # [variant, 1, 1, head, 1]
+    def _run(self, plan: list[tuple[int, int, int]], ablate: Tensor) -> list[float]:
+        """Knockout sets (start, base, variant), by start: each joins the batch at its start layer with
+        its base's residual stream there, so every set runs only the layers after its base's."""
+        k, hidden = len(plan), None
+        for layer in range(plan[0][0], self.model.cfg.n_layers):
+            joining = [self.bases[base][1].resid[layer] for start, base, _ in plan if start == layer]
+            if joining:
+                hidden = torch.cat(([hidden] if hidden is not None else []) + joining)  # [present * batch, pos, d_model]
+            present = hidden.shape[0] // len(self.batch)
+            hidden = self._layer(hidden, layer, ablate[[j for _, _, j in plan[:present]]])
+        return self._logit_diffs(hidden, k)
 
-            def knock(act, hook, mean=self.means[name], mask=mask):
-                act = act.view(k, b, *act.shape[1:])  # [variant, batch, pos, head, d_head]
-                return torch.where(mask, mean, act).flatten(0, 1)
+    def _layer(self, hidden: Tensor, layer: int, ablate: Tensor) -> Tensor:
+        """One layer on hidden [variant * batch, pos, d_model], variant j knocking out ablate[j] [layer, head]."""
+        k, b, name = ablate.shape[0], len(self.batch), f"blocks.{layer}.attn.hook_z"
+        mask = ablate[:, layer][:, None, None, :, None]  # [variant, 1, 1, head, 1]
 
-            hooks.append((name, knock))
-        hidden = inputs.resid[start].repeat(k, 1, 1)  # [variant * batch, pos, d_model]
-        with torch.no_grad(), self.model.hooks(fwd_hooks=hooks):
-            logits = inputs.run(hidden, start, k, self.batch.read_pos)  # [variant, batch, d_vocab]
-        return logit_diff(logits, self.batch).mean(-1).tolist()
+        def knock(act, hook):
+            act = act.view(k, b, *act.shape[1:])  # [variant, batch, pos, head, d_head]
+            return torch.where(mask, self.means[name], act).flatten(0, 1)
+
+        with torch.no_grad(), self.model.hooks(fwd_hooks=[(name, knock)] if mask.any() else []):
+            return self.inputs.run_layers(hidden, layer, layer + 1, k)
+
+    def _logit_diffs(self, final: Tensor, k: int) -> list[float]:
+        """Mean logit difference of k variants from their residual streams after the last layer."""
+        resid = at_positions(final.view(k, len(self.batch), *final.shape[1:]), self.batch.read_pos)  # [k, batch, d_model]
+        with torch.no_grad():
+            return logit_diff(self.model.logits_from_resid(resid), self.batch).mean(-1).tolist()
 
 
 @dataclass(frozen=True)
@@ -193,12 +212,6 @@ class Faithfulness:
 
 def _knockouts(model, batch, knockouts: Knockouts | None, reference) -> Knockouts:
     return knockouts if knockouts is not None else Knockouts(model, batch, reference=reference)
-
-
-def _remember(ko: Knockouts, circuit: set[Head]) -> None:
-    """Record the circuit's run once, for the sets C \\ K to resume from."""
-    if not any(torch.equal(base, ko._ablated([circuit])[0]) for base, _, _ in ko.bases):
-        ko.remember(circuit)
 
 
 def faithfulness(model: HookedModel, batch: ContrastiveBatch, circuit: Iterable[Head | str], *,
@@ -232,7 +245,7 @@ def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[s
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
-    _remember(ko, circuit)
+    ko.remember(circuit)
     fc, fm = ko.logit_diffs([circuit, ko.heads])
     tried = [{"removed": [], "circuit": fc, "model": fm, "gap": abs(fc - fm)}]
     best, chosen = tried[0], []
@@ -250,6 +263,9 @@ def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[s
         if top["gap"] <= best["gap"]:
             break
         best, chosen = top, top["removed"]
+        gone = set().union(*(members[x] for x in chosen))
+        ko.remember(circuit - gone)  # the next round's sets start from these
+        ko.remember(ko.heads - gone)
     return Completeness(removed=tuple(best["removed"]), circuit_logit_diff=best["circuit"],
                         model_logit_diff=best["model"], gap=best["gap"], relative=best["gap"] / ko.model_logit_diff,
                         tried=tried)
@@ -263,7 +279,8 @@ def minimality(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[str
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
-    _remember(ko, circuit)
+    for removed in [set()] + list(members.values()):  # C, and C without each class: the sets below start from them
+        ko.remember(circuit - removed)
     heads = sorted((v, c) for c, hs in members.items() for v in hs)
     keeps = [circuit] + [circuit - members[c] for c in members]
     for v, c in heads:

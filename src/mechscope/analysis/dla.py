@@ -41,11 +41,9 @@ def direct_logit_attribution(
     wanted = ("hook_z", "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_scale")
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(wanted))
-        if by == "head":
-            stack, labels = cache.stack_head_results(return_labels=True, apply_ln=True)
-        else:
-            stack, labels = cache.decompose_resid(return_labels=True, apply_ln=True)
-        per_prompt = (at_positions(stack, batch.read_pos) * _direction(model, batch)).sum(-1)  # [component, batch]
+        stack, labels = (cache.stack_head_results if by == "head" else cache.decompose_resid)(
+            return_labels=True, apply_ln=True, positions=batch.read_pos)  # [component, batch, d_model]
+        per_prompt = (stack * _direction(model, batch)).sum(-1)  # [component, batch]
     values = widen(per_prompt).mean(-1)
     if by == "head":
         values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)

@@ -2,8 +2,8 @@
 
 from mechscope.patching.attribution import attribution_patch
 from mechscope.patching.exact import activation_patch
-from mechscope.patching.path import path_patch
+from mechscope.patching.path import path_patch, record_runs
 from mechscope.patching.result import PatchResult
 from mechscope.patching.sites import SITES
 
-__all__ = ["SITES", "PatchResult", "activation_patch", "attribution_patch", "path_patch"]
+__all__ = ["SITES", "PatchResult", "activation_patch", "attribution_patch", "path_patch", "record_runs"]

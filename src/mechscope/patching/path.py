@@ -23,11 +23,13 @@ or `at` = "read" or given positions):
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric
 from mechscope.models.hooked import HookedModel
@@ -50,6 +52,7 @@ def path_patch(
     direction: str = "noise",
     senders: Sequence[tuple[int, int]] | None = None,
     progress: bool = False,
+    runs: "PathRuns | None" = None,
 ) -> PatchResult:
     """Effect of every sender head (layer x head, for the layers before the last receiver) on the
     metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
@@ -63,9 +66,11 @@ def path_patch(
     The default direction is "noise" (corrupt senders into the clean run), unlike
     `activation_patch`'s "denoise": path patching asks which paths the clean behaviour needs, as
     Wang et al. 2022 ran it, so breaking one path at a time in the clean run is the question.
+
+    runs: the recorded source and target runs (`record_runs(model, batch, direction)`), to share
+    between calls on one batch (the IOI study patches into several receivers); recorded if None.
     """
     start = time.perf_counter()
-    source, target = batch.source_and_target(direction)
     cfg = model.cfg
     to_logits = receivers == "logits"
     if not to_logits:
@@ -91,15 +96,15 @@ def path_patch(
     if not sender_layers:
         raise InputError("no head sits before the receivers: choose receivers in a later layer")
 
-    z_names = [f"blocks.{l}.attn.hook_z" for l in range(cfg.n_layers)]
     recv_names = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if not to_logits else []
-    inputs = LayerInputs(model, len(batch))
-    one_position = to_logits or not (isinstance(at, str) and at == "all")
-    with torch.no_grad():
-        source_logits, source_cache = model.run_with_cache(source, names_filter=z_names)
-        with inputs.recording(keys_values=one_position):
-            target_logits, target_cache = model.run_with_cache(target, names_filter=z_names + recv_names)
-    one_position = one_position and inputs.resumable
+    if runs is None:
+        runs = record_runs(model, batch, direction)
+    elif runs.batch is not batch or runs.direction != direction:
+        raise InputError("these recorded runs belong to another batch or direction; record them with "
+                         "record_runs(model, batch, direction) for this call")
+    inputs, source_cache, target_cache = runs.inputs, runs.source_cache, runs.target_cache
+    source_logits, target_logits = runs.source_logits, runs.target_logits
+    one_position = (to_logits or not (isinstance(at, str) and at == "all")) and inputs.resumable
     # Where the receivers read, per prompt: [batch]
     where = batch.read_pos if to_logits or isinstance(at, str) and at == "read" else at
     where = where.to(model.device) if isinstance(where, Tensor) else where
@@ -150,6 +155,34 @@ def path_patch(
         extra={"receivers": receiver_text, "receiver_input": None if to_logits else receiver_input,
                "at": at.tolist() if isinstance(at, Tensor) else at},
     )
+
+
+@dataclass
+class PathRuns:
+    """What path patching reads from the source and target runs of one batch: every head's z on
+    both, the target's q, k and v, and the target's layer inputs with their keys and values."""
+
+    batch: ContrastiveBatch
+    direction: str
+    source_logits: Tensor  # [batch, pos, d_vocab]
+    target_logits: Tensor
+    source_cache: ActivationCache
+    target_cache: ActivationCache
+    inputs: LayerInputs
+
+
+def record_runs(model: HookedModel, batch: ContrastiveBatch, direction: str = "noise") -> PathRuns:
+    """Record the runs `path_patch(..., runs=)` reads (three forwards), once for many calls."""
+    source, target = batch.source_and_target(direction)
+    n_layers = model.cfg.n_layers
+    z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
+    qkv = [f"blocks.{l}.attn.hook_{x}" for l in range(n_layers) for x in "qkv"]
+    inputs = LayerInputs(model, len(batch))
+    with torch.no_grad():
+        source_logits, source_cache = model.run_with_cache(source, names_filter=z_names)
+        with inputs.recording(keys_values=True):
+            target_logits, target_cache = model.run_with_cache(target, names_filter=z_names + qkv)
+    return PathRuns(batch, direction, source_logits, target_logits, source_cache, target_cache, inputs)
 
 
 def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, receivers,

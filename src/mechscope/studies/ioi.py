@@ -39,7 +39,7 @@ from mechscope.analysis.heads import attention_from_end, copy_scores, head_score
 from mechscope.errors import InputError
 from mechscope.models.hooked import HookedModel
 from mechscope.patching.exact import activation_patch
-from mechscope.patching.path import path_patch
+from mechscope.patching.path import path_patch, record_runs
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
 from mechscope.tasks.ioi import ioi, name_positions
@@ -167,6 +167,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     movers = circuit["name_mover"]
 
     path_positions = name_positions(path_batch) if s.receiver_positions == "paper" else None
+    runs = record_runs(model, path_batch)  # the clean and ABC runs every path-patching step reads
 
     def senders_into(heads: list[Head], receiver_input: str, where: str, key: str) -> list[tuple[Head, float]]:
         """Senders whose path effect through the inputs of `heads` at `where` is <= -tau."""
@@ -177,7 +178,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         names = ", ".join(_receiver_name(model, r, receiver_input) for r in receivers)
         log(f"path patching into the {receiver_input} of {names}")
         result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
-                                 progress=progress), key)
+                                 progress=progress, runs=runs), key)
         found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
                  for h in range(model.cfg.n_heads) if result.values[l, h] <= -tau]
         return sorted(found, key=lambda x: x[1])
@@ -229,13 +230,14 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     # 7. Evaluation
     classes = {c: heads for c, heads in circuit.items() if heads}
     found = [h for heads in classes.values() for h in heads]
+    knockouts.remember(set(found))  # completeness and minimality start from the circuit's run
     (f_circuit,) = knockouts.logit_diffs([set(found)])
     complete = completeness(model, batch, classes, knockouts=knockouts) if classes else None
     minimal = minimality(model, batch, classes, knockouts=knockouts) if classes else {}
     step("evaluation")
 
     # 8. For the report: the circuit's edges, each sender's path effect through each receiver alone
-    edges = circuit_edges(model, path_batch, circuit, path_positions)
+    edges = circuit_edges(model, path_batch, circuit, path_positions, runs=runs)
     step("edges")
 
     # 9. For the report: the residual stream patched per position on one template, and attention
@@ -288,9 +290,10 @@ PATHS = ((("s_inhibition",), "name_mover", "q", "END"),
 
 
 def circuit_edges(model: HookedModel, batch: ContrastiveBatch, circuit: dict[str, list[Head]],
-                  positions: dict[str, torch.Tensor] | None) -> list[dict]:
+                  positions: dict[str, torch.Tensor] | None, runs=None) -> list[dict]:
     """For each path of the study and each receiver, every sender's path-patching effect through that
     receiver alone (GQA: its key/value head, shared with its group), at `_at(where, positions)`."""
+    runs = runs if runs is not None else record_runs(model, batch)
     edges = []
     for sender_classes, receiver_class, receiver_input, where in PATHS:
         senders = [h for c in sender_classes for h in circuit[c]]
@@ -302,7 +305,7 @@ def circuit_edges(model: HookedModel, batch: ContrastiveBatch, circuit: dict[str
             if not before:
                 continue
             result = path_patch(model, batch, receivers=[receiver], receiver_input=receiver_input,
-                                at=_at(where, positions), senders=before)
+                                at=_at(where, positions), senders=before, runs=runs)
             edges += [{"source": head_name(x), "target": head_name(r), "effect": result.values[x].item(),
                        "via": f"{receiver_input} of {head_name(receiver)}" + ("" if receiver_input == "q" else
                                                                                " (key/value head)")}
