@@ -246,7 +246,7 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_ioi(smollm2):
-    """The IOI study on SmolLM2 (about 5 minutes here), shared by the real tests that need its heads."""
+    """The IOI study on SmolLM2 (about 3 minutes here), shared by the real tests that need its heads."""
     from mechscope.studies import Settings, run_ioi
 
     with torch.no_grad():

@@ -113,3 +113,23 @@ def test_each_head_passes_its_class_test_on_fresh_prompts(smollm2, study, fresh)
             after = direct_logit_attribution(smollm2, fresh).values
         for head in backups:
             assert after[head] > dla[head], head
+
+
+def test_the_faster_engine_changed_no_result(study):
+    """The same study computed before runs resumed at a position (data/ioi_smollm2_seed3.json, commit
+    6794c67): the same circuit, and every figure to 1e-4 (float32 sums of order 1-10 taken in another
+    order differ by about 1e-6)."""
+    import json
+    from pathlib import Path
+
+    pinned = json.loads((Path(__file__).parent / "data" / "ioi_smollm2_seed3.json").read_text())
+    assert study["circuit"] == pinned["circuit"]
+    for key in ("logit_diff", "circuit_logit_diff", "faithfulness"):
+        assert study[key] == pytest.approx(pinned[key], abs=1e-4), key
+    for head, facts in pinned["evidence"].items():
+        assert {k: study["evidence"][head][k] for k in facts} == pytest.approx(facts, abs=1e-4), head
+    assert study["completeness"]["gap"] == pytest.approx(pinned["completeness_gap"], abs=1e-4)
+    assert {h: m["score"] for h, m in study["minimality"].items()} == pytest.approx(pinned["minimality"], abs=1e-4)
+    edges = [[e["source"], e["target"], e["effect"]] for e in study["edges"]]
+    assert [e[:2] for e in edges] == [e[:2] for e in pinned["edges"]]
+    assert [e[2] for e in edges] == pytest.approx([e[2] for e in pinned["edges"]], abs=1e-4)
