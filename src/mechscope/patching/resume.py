@@ -115,11 +115,10 @@ class LayerInputs:
 
             if not self.keys:
                 raise RuntimeError("resuming at a position needs recording(keys_values=True) on a resumable model")
-            cache = DynamicCache()
-            for layer in range(start, stop):  # every position's recorded keys; the mask hides those replaced
+            for layer in range(start, stop):
+                cache = DynamicCache()  # one layer's at a time: every position's recorded keys (the mask hides those replaced)
                 cache.update(self.keys[layer][suffix.prompt], self.values[layer][suffix.prompt], layer)
-            for call in self._calls[start:stop]:
-                hidden = call.run_suffix(hidden, suffix, cache)  # [k * batch, length, d_model]
+                hidden = self._calls[layer].run_suffix(hidden, suffix, cache)  # [k * batch, length, d_model]
             return hidden
         layers = self.model.adapter.layer_modules()
         for layer, (args, kwargs) in zip(layers[start:stop], self.tiled(k)[start:stop]):
