@@ -110,6 +110,7 @@ def main() -> None:
     n_layers = model.cfg.n_layers
     layers = args.layers or [n_layers // 6, n_layers // 2, 5 * n_layers // 6]
     batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=0, model=model, templates=[0]))
+    model(batch.corrupt)  # the first forward pays warm-up
     start = time.perf_counter()
     model(batch.corrupt)
     forward = time.perf_counter() - start

@@ -26,6 +26,7 @@ from mechscope.models.hooked import HookedModel
 from mechscope.patching.result import PatchResult
 from mechscope.progress import progress_bar
 from mechscope.patching.resume import LayerInputs
+from mechscope.patching.suffix import Suffix
 from mechscope.patching.sites import PatchSite, resolve_site
 from mechscope.tasks.batch import ContrastiveBatch
 
@@ -92,17 +93,22 @@ def activation_patch(
     per_chunk = _variants_per_chunk(model, batch, memory_mb)
     differ = _first_difference(source, target)  # [batch]
     with torch.no_grad(), progress_bar(progress, len(layers) * len(components), f"patching {site}") as bar:
-        for li, layer in enumerate(layers):
+        if by_position and per_position:  # batches of nearby positions, each variant joining at its layer
+            every = [(li, hi, h, pi, p) for pi, p in enumerate(positions) for li in range(len(layers))
+                     for hi, h in enumerate(heads)]
+            for chunk in _position_chunks(every, per_chunk, int(batch.read_pos.max())):
+                chunk.sort(key=lambda c: layers[c[0]])
+                patched = _joined_metric(model, inputs, batch, fn, spec, layers, source_cache, chunk)  # [k]
+                for (li, hi, _, pi, _), value in zip(chunk, patched):
+                    values[li, hi, pi] = value.item() - baseline
+                bar.advance(len(chunk))
+        for li, layer in enumerate(layers if not (by_position and per_position) else []):
             src = source_cache[hooks[li]]  # [batch, *site shape]
-            chunks = _position_chunks(components, per_chunk, int(batch.read_pos.max())) if by_position and \
-                per_position else [components[i : i + per_chunk] for i in range(0, len(components), per_chunk)]
-            for chunk in chunks:
-                if by_position:
-                    starts = differ.repeat(len(chunk)) if not per_position else \
-                        torch.tensor([p for *_, p in chunk], device=differ.device).repeat_interleave(len(batch))  # [k * batch]
+            for chunk in [components[i : i + per_chunk] for i in range(0, len(components), per_chunk)]:
+                if by_position:  # all positions, from the first token where source and target differ
                     heads_mask = variant_mask(spec, src.shape[1:], [(h, None) for _, h, _, _ in chunk])
                     patched = _suffix_metric(model, inputs, batch, fn, layer, hooks[li], src, heads_mask[:, 0],
-                                             starts, all_positions=not per_position)  # [k]
+                                             differ.repeat(len(chunk)))  # [k]
                 else:
                     mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
                     patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
@@ -137,27 +143,49 @@ def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str
 
 
 def _suffix_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, heads: Tensor,
-                   starts: Tensor, all_positions: bool) -> Tensor:
-    """`_patched_metric` for variants that leave every position before starts [k * batch] alone:
-    each row runs from its start on; heads [k, *site shape without pos] marks what variant j patches
-    (at its start, or at every position from there)."""
+                   starts: Tensor) -> Tensor:
+    """`_patched_metric` for variants that patch every position and leave those before starts
+    [k * batch] alone (the source's are the target's there): each row runs from its start on;
+    heads [k, *site shape without pos] marks what variant j patches."""
     k = heads.shape[0]
     suffix = inputs.suffix(starts, batch.read_pos)
     hidden = suffix.gather(inputs.resid[layer])  # [k * batch, length, d_model]
-    where = heads.repeat_interleave(len(batch), 0).to(src.device)  # [k * batch, *rest]
-    if all_positions:
-        rows = suffix.gather(src)  # [k * batch, length, *rest]
-
-        def write(act, _):
-            return torch.where(where[:, None], rows.to(act.device), act)
-    else:
-        first = suffix.first(src)  # [k * batch, *rest]
-
-        def write(act, _):
-            return torch.cat([torch.where(where, first.to(act.device), act[:, 0])[:, None], act[:, 1:]], 1)
-
-    with model.hooks(fwd_hooks=[(hook, write)]):
+    where = heads.repeat_interleave(len(batch), 0).to(src.device)[:, None]  # [k * batch, 1, *rest]
+    rows = suffix.gather(src)  # [k * batch, length, *rest]
+    with model.hooks(fwd_hooks=[(hook, lambda act, _: torch.where(where, rows.to(act.device), act))]):
         logits = inputs.run(hidden, layer, k, batch.read_pos, suffix)  # [k, batch, d_vocab]
+    return _mean_metric(fn, logits, batch)
+
+
+def _joined_metric(model, inputs: LayerInputs, batch, fn, spec: PatchSite, layers: list[int], source_cache,
+                   chunk: list) -> Tensor:
+    """Per-position variants (layer index, head index, head, position index, position), in order of
+    layer, as one batch: each joins at its layer and runs from its position on, the source's
+    activation written there for its head. The mean metric of each, [k]."""
+    b = len(batch)
+    starts = torch.tensor([p for *_, p in chunk], device=inputs.resid[0].device).repeat_interleave(b)  # [k * batch]
+    suffix = inputs.suffix(starts, batch.read_pos)
+    joins: dict[int, int] = {}
+    for li, *_ in chunk:
+        joins[layers[li]] = joins.get(layers[li], 0) + 1
+    hooks, done = [], 0
+    for layer, count in joins.items():  # the variants joining at `layer` are rows done*b .. (done+count)*b
+        src = source_cache[spec.hook_name(layer)]  # [batch, *site shape]
+        part = chunk[done:done + count]
+        rows = slice(done * b, (done + count) * b)
+        first = Suffix(starts[rows], suffix.length, b, suffix.n_pos).first(src)  # [count * batch, *rest]
+        where = variant_mask(spec, src.shape[1:], [(h, None) for _, _, h, _, _ in part])[:, 0]
+        where = where.repeat_interleave(b, 0).to(src.device)  # [count * batch, *rest]
+
+        def write(act, _, rows=rows, first=first, where=where):
+            out = act.clone()  # [present * batch, length, *rest]
+            out[rows, 0] = torch.where(where, first.to(act.device), act[rows, 0])
+            return out
+
+        hooks.append((spec.hook_name(layer), write))
+        done += count
+    with model.hooks(fwd_hooks=hooks):
+        logits = inputs.run_joined(suffix, joins, batch.read_pos)  # [k, batch, d_vocab]
     return _mean_metric(fn, logits, batch)
 
 
@@ -167,8 +195,8 @@ def _position_chunks(components: list, per_chunk: int, last_read: int, slack: fl
     that costs at most `slack` times what its variants need each."""
     chunks, chunk, need = [], [], 0
     for c in components:  # in order of position
-        length = max(1, last_read - c[3] + 1)  # positions this variant runs
-        longest = max(1, last_read - chunk[0][3] + 1) if chunk else length
+        length = max(1, last_read - c[-1] + 1)  # positions this variant runs (its position is last)
+        longest = max(1, last_read - chunk[0][-1] + 1) if chunk else length
         if chunk and (len(chunk) >= per_chunk or (len(chunk) + 1) * longest > slack * (need + length)):
             chunks.append(chunk)
             chunk, need = [], 0

@@ -126,10 +126,33 @@ class LayerInputs:
             hidden = out[0] if isinstance(out, tuple) else out  # [k * batch, pos, d_model]
         return hidden
 
+    def run_joined(self, suffix: Suffix, joins: dict[int, int], read_pos: Tensor) -> Tensor:
+        """Variants that start at different layers, in one batch: joins {layer: how many variants start
+        there}, the suffix's rows (variant-major) in order of layer. Each variant joins the batch at its
+        layer with the recorded residual stream there and runs from its start position on. Logits at
+        the read positions, [k, batch, d_vocab]."""
+        from transformers import DynamicCache
+
+        b, n_pos, hidden, present = self.batch_size, suffix.n_pos, None, 0
+        for layer in range(min(joins), self.model.cfg.n_layers):
+            if joins.get(layer):
+                rows = slice(present * b, (present + joins[layer]) * b)
+                new = Suffix(suffix.starts[rows], suffix.length, b, n_pos).gather(self.resid[layer])  # [rows, length, d_model]
+                hidden = new if hidden is None else torch.cat([hidden, new])
+                present += joins[layer]
+                part = Suffix(suffix.starts[: present * b], suffix.length, b, n_pos)  # the rows present
+            cache = DynamicCache()
+            cache.update(self.keys[layer][part.prompt], self.values[layer][part.prompt], layer)
+            hidden = self._calls[layer].run_suffix(hidden, part, cache)  # [present * batch, length, d_model]
+        return self.read(hidden, present, read_pos, suffix)
+
     def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
         """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab].
         With a suffix, a row whose read position comes before its start reads the recorded run."""
-        hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix)
+        return self.read(self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix), k, read_pos, suffix)
+
+    def read(self, hidden: Tensor, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
+        """Logits at the read positions [k, batch, d_vocab] from the last layer's output hidden."""
         if suffix is not None:
             read = read_pos.to(hidden.device)[suffix.prompt.to(hidden.device)]  # [k * batch]
             at = read - suffix.starts.to(hidden.device)  # [k * batch]: index in the suffix
