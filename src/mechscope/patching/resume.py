@@ -111,14 +111,8 @@ class LayerInputs:
         """Layers start..stop-1 on hidden [k * batch, pos, d_model]; the residual stream after them.
         With a suffix, hidden is [k * batch, suffix.length, d_model] at the suffix's positions."""
         if suffix is not None:
-            from transformers import DynamicCache
-
-            if not self.keys:
-                raise RuntimeError("resuming at a position needs recording(keys_values=True) on a resumable model")
             for layer in range(start, stop):
-                cache = DynamicCache()  # one layer's at a time: every position's recorded keys (the mask hides those replaced)
-                cache.update(self.keys[layer][suffix.prompt], self.values[layer][suffix.prompt], layer)
-                hidden = self._calls[layer].run_suffix(hidden, suffix, cache)  # [k * batch, length, d_model]
+                hidden = self._suffix_layer(hidden, layer, suffix)  # [k * batch, length, d_model]
             return hidden
         layers = self.model.adapter.layer_modules()
         for layer, (args, kwargs) in zip(layers[start:stop], self.tiled(k)[start:stop]):
@@ -131,8 +125,6 @@ class LayerInputs:
         there}, the suffix's rows (variant-major) in order of layer. Each variant joins the batch at its
         layer with the recorded residual stream there and runs from its start position on. Logits at
         the read positions, [k, batch, d_vocab]."""
-        from transformers import DynamicCache
-
         b, n_pos, hidden, present = self.batch_size, suffix.n_pos, None, 0
         for layer in range(min(joins), self.model.cfg.n_layers):
             if joins.get(layer):
@@ -141,10 +133,19 @@ class LayerInputs:
                 hidden = new if hidden is None else torch.cat([hidden, new])
                 present += joins[layer]
                 part = Suffix(suffix.starts[: present * b], suffix.length, b, n_pos)  # the rows present
-            cache = DynamicCache()
-            cache.update(self.keys[layer][part.prompt], self.values[layer][part.prompt], layer)
-            hidden = self._calls[layer].run_suffix(hidden, part, cache)  # [present * batch, length, d_model]
+            hidden = self._suffix_layer(hidden, layer, part)  # [present * batch, length, d_model]
         return self.read(hidden, present, read_pos, suffix)
+
+    def _suffix_layer(self, hidden: Tensor, layer: int, suffix: Suffix) -> Tensor:
+        """One layer on hidden [rows, length, d_model] at the suffix's positions, over a cache of that
+        layer's recorded keys and values (every position: the mask hides those the suffix replaces)."""
+        from transformers import DynamicCache
+
+        if not self.keys:
+            raise RuntimeError("resuming at a position needs recording(keys_values=True) on a resumable model")
+        cache = DynamicCache()  # one layer's at a time
+        cache.update(self.keys[layer][suffix.prompt], self.values[layer][suffix.prompt], layer)
+        return self._calls[layer].run_suffix(hidden, suffix, cache)
 
     def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
         """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab].
