@@ -67,6 +67,7 @@ class Adapter:
     attn_norm: ClassVar[str]  # the norm before attention; its input is resid_pre
     mlp_norm: ClassVar[str | None]  # the norm before the MLP; its input is resid_mid
     attn_post_norm: ClassVar[str | None] = None  # Gemma's norm between attention and the add
+    mlp_post_norm: ClassVar[str | None] = None  # Gemma's norm between the MLP and the add
     attn_out: ClassVar[Place]  # what attention adds to the residual stream
     mlp_out: ClassVar[Place]  # what the MLP adds to the residual stream
     mlp_pre: ClassVar[Place | None] = None  # the MLP's pre-activation (the gate, for gated MLPs)
@@ -158,12 +159,18 @@ class Adapter:
         result = torch.einsum("bphd,hdm->bphm", z, self.W_O(layer))  # [batch, pos, head, d_model]
         if self.attn_post_norm is None:
             return result
-        norm = self.module(self.attn_post_norm, layer)
-        x = result.sum(2) if proj_out is None else proj_out  # [batch, pos, d_model]
-        scale = norm_scale(self.norm_kind, norm, x)  # [batch, pos, 1]
+        total = result.sum(2) if proj_out is None else proj_out  # [batch, pos, d_model]
+        return self.post_norm_share(self.attn_post_norm, layer, result, total)
+
+    def post_norm_share(self, norm_path: str, layer: int, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """Parts [..., part, d_model] of what a post-norm (Gemma's, between a sublayer and the add)
+        normalizes, each passed through it with the scale of their `total` [..., d_model]: the norm
+        is linear once its scale is fixed, so the shares sum to the norm's output."""
+        norm = self.module(norm_path, layer)
+        scale = norm_scale(self.norm_kind, norm, total)  # [..., 1]
         weight = norm_weight(self.norm_kind, norm)  # [d_model]
-        wide = torch.promote_types(result.dtype, torch.float32)  # a linear fold: as wide as the model
-        return (result.to(wide) / scale[:, :, None] * weight.to(wide)).to(result.dtype)
+        wide = torch.promote_types(parts.dtype, torch.float32)  # a linear fold: as wide as the model
+        return (parts.to(wide) / scale[..., None, :] * weight.to(wide)).to(parts.dtype)
 
     def attn_out_from_results(self, layer: int, result: torch.Tensor) -> torch.Tensor:
         """What attention adds to the residual stream given each head's result, [batch, pos, d_model]."""

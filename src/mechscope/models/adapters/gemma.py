@@ -20,6 +20,7 @@ class Gemma3Adapter(LlamaAdapter):
 
     mlp_norm = "pre_feedforward_layernorm"
     attn_post_norm = "post_attention_layernorm"
+    mlp_post_norm = "post_feedforward_layernorm"
     attn_out = Place("post_attention_layernorm", OUT)
     mlp_out = Place("post_feedforward_layernorm", OUT)
 
