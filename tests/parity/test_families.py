@@ -103,6 +103,32 @@ def test_rotated_q_and_k_are_q_and_k_after_rotary(pair):
     assert torch.allclose(theirs[names[2]], theirs[names[0]]) != bool(rotates)  # rotated, or not where it is not
 
 
+def test_per_head_inputs_are_what_each_head_reads(pair):
+    """hook_q_input|k_input|v_input: read, resid_pre once per head; another prompt's resid_pre
+    written into head h's copy is exactly that prompt's q (k, v) written into head h, and nothing
+    else moves."""
+    _, model = pair
+    names = ["blocks.1.hook_resid_pre"] + [f"blocks.1.attn.hook_{x}" for x in "qkv"]
+    _, theirs = model.run_with_cache(TOKENS.flip(0), names_filter=names)
+    _, mine = model.run_with_cache(TOKENS, names_filter=lambda n: n.startswith("blocks.1.hook_"))
+    for kind, heads in (("q", model.cfg.n_heads), ("k", model.cfg.n_kv_heads), ("v", model.cfg.n_kv_heads)):
+        copies = mine[f"blocks.1.hook_{kind}_input"]  # [batch, pos, head, d_model]
+        assert copies.shape == (*TOKENS.shape, heads, model.cfg.d_model)
+        assert torch.equal(copies[:, :, -1], mine["blocks.1.hook_resid_pre"])
+        h = heads - 1
+
+        def into_input(act, hook):
+            act[:, :, h] = theirs["blocks.1.hook_resid_pre"]
+
+        def into_site(act, hook):
+            act[:, :, h] = theirs[f"blocks.1.attn.hook_{kind}"][:, :, h]
+
+        written = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.1.hook_{kind}_input", into_input)])
+        torch.testing.assert_close(written, model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.1.attn.hook_{kind}",
+                                                                                      into_site)]), **exact_for(model))
+        assert not torch.allclose(written, model(TOKENS)), kind
+
+
 def test_writing_every_activation_back_changes_nothing(pair):
     _, model = pair
     names = [n for n in model.hook_names if not n.endswith("hook_pattern")]

@@ -5,8 +5,10 @@ tensor replaces the activation, returning None leaves the model's own computatio
 inert hook changes no bit of the output). A backward hook gets the gradient of the activation and
 may return a replacement gradient.
 
-Most sites are one module and a lens (`ModuleSite`). Four need more than that:
+Most sites are one module and a lens (`ModuleSite`). Some need more than that:
 - `blocks.{l}.hook_resid_mid` lives between two modules (`ResidMidSite`);
+- `blocks.{l}.hook_q_input|k_input|v_input` are per-head copies of the norm's input, each written
+  copy recomputed through the norm and the projection (`HeadInputSite`);
 - `blocks.{l}.attn.hook_result` is computed from `hook_z` only when hooked (`ResultSite`);
 - `blocks.{l}.attn.hook_pattern` exists only in eager attention, which the model switches to while
   a pattern is hooked (`PatternSite`);
@@ -183,6 +185,40 @@ class ResultSite:
 
         _forward_hook(att, proj, grab_z)
         _forward_hook(att, a.module(a.attn_post_norm, layer), on_post_norm)
+
+
+@dataclass(frozen=True)
+class HeadInputSite:
+    """TransformerLens's `hook_q_input|k_input|v_input`: each head's own copy of the stream its query
+    (key, value) reads, [batch, pos, head, d_model] (k and v per key/value head), before the attention
+    norm. Read, it is resid_pre repeated; written, each head's q (k, v) is computed from its own copy
+    through the attention norm and the projection (the model's own modules), and nothing else moves."""
+
+    norm: nn.Module  # the attention norm, whose input is resid_pre
+    proj: nn.Module  # the projection whose output holds this kind's heads
+    lens: Lens  # projection output -> [batch, pos, head, d_head]
+    n_heads: int
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        stash: dict[str, torch.Tensor] = {}
+
+        def grab(m, args, kwargs):
+            stash["x"] = IN.get((args, kwargs))  # [batch, pos, d_model]
+
+        def on_proj(m, args, out):
+            x = stash.pop("x")
+            copies = x[:, :, None].expand(-1, -1, self.n_heads, -1)  # [batch, pos, head, d_model]
+            new = _run(fn, point, copies if backward else copies.clone(), backward)  # a copy: in-place edits act
+            if new is None:
+                return None
+            b, p, h, d = new.shape
+            per_head = new.permute(2, 0, 1, 3).reshape(h * b, p, d)  # every head's copy as a prompt
+            heads = self.lens.get(self.proj.forward(self.norm.forward(per_head)))  # [head * batch, pos, head, d_head]
+            own = heads.view(h, b, p, h, -1).diagonal(dim1=0, dim2=3)  # [batch, pos, d_head, head]
+            return self.lens.put(out, own.permute(0, 1, 3, 2))  # head h's q from head h's copy
+
+        _pre_hook(att, self.norm, grab)
+        _forward_hook(att, self.proj, on_proj)
 
 
 PATTERN_IMPLEMENTATION = "mechscope_eager"
@@ -411,6 +447,10 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
         if a.rotary:
             for which in "qk":
                 sites[b + f"attn.hook_rot_{which}"] = (RotarySite(a.module(a.attn, l), switch, which), l)
+        for name, (proj, _) in a.qkv_projections().items():
+            n_heads = cfg.n_heads if name == "q" else cfg.n_kv_heads
+            sites[b + f"hook_{name}_input"] = (HeadInputSite(a.module(a.attn_norm, l), a.module(proj.path, l), proj.lens,
+                                                             n_heads), l)
         sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), switch), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
