@@ -205,3 +205,36 @@ def test_a_model_rewired_by_another_library_is_refused_not_silently_unhooked(tok
         model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", lambda act, hook: None)])
     assert torch.equal(HookedModel(model.hf)(tokens), model.hf(input_ids=tokens).logits)  # wrapping it anew works
 
+
+
+def test_added_hooks_persist_until_reset_and_never_reach_a_technique(tokens):
+    """TransformerLens's add_hook / reset_hooks: an added hook acts on every forward until removed (a
+    permanent one survives reset_hooks()), and mechscope's techniques refuse to run under one."""
+    from mechscope.analysis import direct_logit_attribution
+    from mechscope.patching import activation_patch
+
+    from conftest import tiny_batch
+
+    model = tiny_model("llama-gqa")
+    plain = model(tokens)
+
+    def zero_head_1(z, hook):
+        z[:, :, 1] = 0
+
+    model.add_hook("blocks.1.attn.hook_z", zero_head_1)
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero_head_1)])
+    torch.testing.assert_close(model(tokens), ablated, **EXACT)  # still there on a later call
+    assert not torch.allclose(ablated, plain)
+    batch = tiny_batch(model)
+    for technique in (lambda: activation_patch(model, batch, site="head_z"),
+                      lambda: direct_logit_attribution(model, batch)):
+        with pytest.raises(InputError, match="activation_patch|direct_logit_attribution.*blocks.1.attn.hook_z"):
+            technique()
+    model.add_hook(lambda name: name == "hook_logits", lambda logits, hook: logits * 0, is_permanent=True)
+    model.reset_hooks()
+    assert torch.equal(model(tokens), torch.zeros_like(plain))  # the permanent hook stays
+    model.remove_all_hook_fns(including_permanent=True)
+    assert torch.equal(model(tokens), plain) and _no_hooks_left(model)
+    with pytest.raises(InputError, match="dir is 'fwd' or 'bwd'"):
+        model.add_hook("hook_logits", zero_head_1, dir="backward")
+    activation_patch(model, batch, site="head_z")  # runs again once the hooks are gone

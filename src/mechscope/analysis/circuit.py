@@ -25,7 +25,7 @@ from torch import Tensor
 
 from mechscope.errors import InputError
 from mechscope.metrics import at_positions, logit_diff, read_logits
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.resume import LayerInputs
 from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
@@ -214,6 +214,7 @@ def _knockouts(model, batch, knockouts: Knockouts | None, reference) -> Knockout
     return knockouts if knockouts is not None else Knockouts(model, batch, reference=reference)
 
 
+@technique
 def faithfulness(model: HookedModel, batch: ContrastiveBatch, circuit: Iterable[Head | str], *,
                  reference: ContrastiveBatch | None = None, knockouts: Knockouts | None = None) -> Faithfulness:
     """F(C) / F(M) on the clean prompts, every head outside `circuit` mean-ablated over the reference

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mechscope.analysis.heads import head_labels
 from mechscope.metrics import at_positions, widen
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
 
@@ -29,6 +29,7 @@ def _direction(model: HookedModel, batch: ContrastiveBatch) -> Tensor:
     return (model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]).T
 
 
+@technique
 def direct_logit_attribution(
     model: HookedModel, batch: ContrastiveBatch, *, by: str = "head", run: str = "clean"
 ) -> Result:
@@ -54,6 +55,7 @@ def direct_logit_attribution(
                   n_prompts=len(batch), seconds=time.perf_counter() - start)
 
 
+@technique
 def logit_lens(model: HookedModel, batch: ContrastiveBatch, *, run: str = "clean") -> Result:
     """The logit difference read from the residual stream before each layer (and after the last)
     through the model's own final norm and unembedding, averaged over prompts: axes (layer,)."""

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mechscope.errors import InputError
 from mechscope.metrics import at_positions, widen
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
 from mechscope.tasks.induction import induction
@@ -31,6 +31,7 @@ from mechscope.tasks.induction import induction
 KINDS = ("previous_token", "duplicate_token", "induction")
 
 
+@technique
 def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int = 0,
                 scale: str = "eligible") -> dict[str, Result]:
     """{kind: Result (layer x head)} for the three detectors, from one forward; `scale` "eligible"

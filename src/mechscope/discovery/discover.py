@@ -25,12 +25,13 @@ from mechscope.discovery.graph import Graph
 from mechscope.discovery.scores import EdgeScores
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, check_metric_name
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.tasks.batch import ContrastiveBatch
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact", "acdc")
 
 
+@technique
 def discover(
     model: HookedModel,
     batch: ContrastiveBatch,

@@ -21,7 +21,7 @@ from mechscope.discovery.graph import Graph
 from mechscope.discovery.scores import Circuit, EdgeScores
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, check_baselines, resolve_metric, widen
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.tasks.batch import ContrastiveBatch
 
 
@@ -92,6 +92,7 @@ class Evaluator:
         return scores.circuit(edges=best[0]), best[1]
 
 
+@technique
 def evaluate(model: HookedModel, batch: ContrastiveBatch, circuit: Circuit, *, ablation: str = "corrupt",
              metric: str | Metric = "logit_diff") -> dict:
     """The metric with every edge outside `circuit` ablated, the clean and empty baselines, and the

@@ -1,11 +1,14 @@
 """HookedModel: a Hugging Face causal LM with every activation reachable by TransformerLens names.
 
 The model is never reimplemented: a forward is the Hugging Face forward, and hooks are PyTorch
-hooks placed only for the duration of a `hooks()` context (removed in `finally`, always).
+hooks placed only for the duration of a `hooks()` context (removed in `finally`, always), or, as in
+TransformerLens, added with `add_hook` until `reset_hooks()`. mechscope's techniques (`@technique`)
+refuse a model with added hooks: they would act in some of a technique's runs and not in others.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -25,8 +28,22 @@ from mechscope.models.sites import (
     unknown_name_error,
 )
 
+_PER_HEAD_COPIES = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input")
 Hooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
 NamesFilter = str | Iterable[str] | Callable[[str], bool] | None
+
+
+def technique(fn):
+    """Marks a function of (model, ...) that runs the model its own way: it refuses a model with
+    hooks added by `add_hook`, before any work (hooks in a `with model.hooks(...)` block are the
+    caller's explicit choice and stay)."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        model.require_no_added_hooks(fn.__name__)
+        return fn(model, *args, **kwargs)
+
+    return run
 
 
 def check_fits_in_memory(shape: tuple[int, int], d_vocab: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -71,6 +88,7 @@ class HookedModel:
         self._sites = build_sites(self.adapter, self._switch)
         self._weights = None  # read on first use (`weights`)
         self._modules = {name: id(m) for name, m in hf_model.named_modules()}  # what the sites hook
+        self._added: list[tuple[str, Attachment, bool]] = []  # add_hook's: (name, attachment, permanent)
         self.hook_names: list[str] = list(self._sites)
 
     def __repr__(self) -> str:
@@ -237,6 +255,44 @@ class HookedModel:
             for att in reversed(attached):
                 att.remove()
 
+    def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd",
+                 is_permanent: bool = False) -> None:
+        """Attach a hook until `reset_hooks()` (TransformerLens's way; `with model.hooks(...)` removes
+        its hooks by itself and is the safer one). `name` is a hook name or a filter on names; `dir`
+        "fwd" or "bwd"; a permanent hook survives `reset_hooks()` unless `including_permanent`."""
+        if dir not in ("fwd", "bwd"):
+            raise InputError(f"dir is 'fwd' or 'bwd', not {dir!r}")
+        names = self._resolve(name)
+        self._check_modules()
+        for site_name in names:
+            site, layer = self._sites[site_name]
+            att = Attachment()
+            site.attach(hook, HookPoint(site_name, layer), dir == "bwd", att)
+            self._added.append((site_name, att, is_permanent))
+
+    def reset_hooks(self, including_permanent: bool = False) -> None:
+        """Remove the hooks `add_hook` attached (the permanent ones too with `including_permanent`)."""
+        keep = []
+        for name, att, permanent in self._added:
+            if permanent and not including_permanent:
+                keep.append((name, att, permanent))
+            else:
+                att.remove()
+        self._added = keep
+
+    def remove_all_hook_fns(self, including_permanent: bool = False) -> None:
+        """TransformerLens's name for `reset_hooks`."""
+        self.reset_hooks(including_permanent)
+
+    def require_no_added_hooks(self, what: str) -> None:
+        if self._added:
+            names = sorted({name for name, _, _ in self._added})
+            raise InputError(
+                f"{what} runs the model as loaded, but hooks added with add_hook are attached ({', '.join(names[:3])}"
+                f"{', ...' if len(names) > 3 else ''}): they would act in some of its runs and not others. Call "
+                "model.reset_hooks(including_permanent=True) first, or run it inside `with model.hooks(fwd_hooks=...)` "
+                "if the edit is meant for every run.")
+
     def _check_modules(self) -> None:
         """Refuse to hook a model whose modules were replaced after wrapping (another library's
         wrappers, TransformerLens's bridge for one): the hooks would sit on modules it no longer runs."""
@@ -274,8 +330,9 @@ class HookedModel:
         """Forward once (in the caller's grad mode), returning (logits, ActivationCache of the
         selected sites, detached).
 
-        With no filter every site is cached except `attn.hook_result` (per head [batch, pos, head,
-        d_model], large): name it, or use `cache.stack_head_results()`, which computes it from z.
+        With no filter every site is cached except the per-head ones of [batch, pos, head, d_model]
+        (large): `attn.hook_result` (name it, or use `cache.stack_head_results()`, which computes it
+        from z) and `hook_q_input|k_input|v_input` (resid_pre, once per head).
         """
         from mechscope.cache import ActivationCache
 
@@ -289,8 +346,8 @@ class HookedModel:
         return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
 
     def _select(self, names_filter: NamesFilter) -> list[str]:
-        if names_filter is None:
-            return [n for n in self.hook_names if not n.endswith("attn.hook_result")]
+        if names_filter is None:  # not the per-head copies: large, and computed for the hook
+            return [n for n in self.hook_names if not n.endswith(_PER_HEAD_COPIES)]
         if isinstance(names_filter, str) or callable(names_filter):
             return self._resolve(names_filter)
         return [n for name in names_filter for n in self._resolve(name)]
@@ -368,6 +425,17 @@ class HookedModel:
         if len(ids) != 1:
             raise InputError(f"{text!r} is {len(ids)} tokens {self.to_str_tokens(ids)}; a single token is needed")
         return ids[0]
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Float[Tensor, "*shape d_model"]:
+        """The unembedding direction of each token, W_U[:, token]: [d_model] for a string (one token)
+        or an id, [*shape, d_model] for a tensor of ids. (The model's own W_U: see
+        `ActivationCache.apply_ln_to_stack`, which applies the final norm's weight.)"""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.W_U.device)
+        if ids.is_floating_point() or ((ids < 0) | (ids >= self.cfg.d_vocab)).any():
+            raise InputError(f"tokens must be ids in 0..{self.cfg.d_vocab - 1}")
+        return self.W_U.T[ids]
 
 
 class _Stopped(Exception):

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric, widen
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
 from mechscope.patching.resume import LayerInputs
@@ -47,6 +47,7 @@ from mechscope.tasks.batch import ContrastiveBatch
 QK_SITES = ("head_q", "head_k")
 
 
+@technique
 def attribution_patch(
     model: HookedModel,
     batch: ContrastiveBatch,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric, widen
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.result import PatchResult
 from mechscope.progress import progress_bar
 from mechscope.patching.resume import LayerInputs
@@ -34,6 +34,7 @@ from mechscope.tasks.batch import ContrastiveBatch
 PREFIX_WORTH = 0.25  # the shared prefix, as a fraction of the positions, from which skipping it pays
 
 
+@technique
 def activation_patch(
     model: HookedModel,
     batch: ContrastiveBatch,

@@ -32,7 +32,7 @@ from torch import Tensor
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
 from mechscope.patching.resume import LayerInputs
@@ -41,6 +41,7 @@ from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
 
 
+@technique
 def path_patch(
     model: HookedModel,
     batch: ContrastiveBatch,
@@ -171,6 +172,7 @@ class PathRuns:
     inputs: LayerInputs
 
 
+@technique
 def record_runs(model: HookedModel, batch: ContrastiveBatch, direction: str = "noise") -> PathRuns:
     """Record the runs `path_patch(..., runs=)` reads (three forwards), once for many calls."""
     source, target = batch.source_and_target(direction)

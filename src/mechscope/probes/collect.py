@@ -25,6 +25,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from mechscope.errors import InputError
+from mechscope.models.hooked import technique
 
 if TYPE_CHECKING:
     from mechscope.models.hooked import HookedModel
@@ -91,6 +92,7 @@ class Activations:
             self._cleanup()
 
 
+@technique
 def collect(
     model: "HookedModel",
     tokens: Int[Tensor, "prompt pos"] | Sequence[str],

@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechscope.errors import InputError
+from mechscope.models.hooked import technique
 from mechscope.probes.collect import collect
 from mechscope.probes.fit import cosine_similarities, fit_probe
 from mechscope.result import Result
@@ -56,6 +57,7 @@ def residual_sites(model: "HookedModel") -> list[str]:
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
 
 
+@technique
 def probe_sweep(
     model: "HookedModel",
     dataset: ProbeDataset,

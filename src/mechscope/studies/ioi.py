@@ -37,7 +37,7 @@ from mechscope.analysis.circuit import Head, Knockouts, completeness, head_name,
 from mechscope.analysis.dla import direct_logit_attribution
 from mechscope.analysis.heads import attention_from_end, copy_scores, head_scores
 from mechscope.errors import InputError
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import activation_patch
 from mechscope.patching.path import path_patch, record_runs
 from mechscope.result import Result
@@ -90,6 +90,7 @@ def is_gpt2_small(model: HookedModel) -> bool:
     return c.family == "gpt2" and (c.n_layers, c.n_heads, c.d_model) == (12, 12, 768)
 
 
+@technique
 def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bool = False,
             log: Callable[[str], None] = lambda text: None, stop_after: str | None = None) -> dict:
     """Run the study; returns what `mechscope ioi` writes to ioi.json. `stop_after="S-inhibition"`

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mechscope.analysis.circuit import head_name, parse_heads
 from mechscope.errors import InputError
-from mechscope.models.hooked import HookedModel
+from mechscope.models.hooked import HookedModel, technique
 from mechscope.probes.sweep import ProbeDataset, probe_sweep, residual_sites
 from mechscope.tasks.ioi import BABA, NAMES, OBJECTS, PLACES
 
@@ -165,6 +165,7 @@ def cross_template(model: HookedModel, heads: Sequence, n: int, seed: int) -> di
     }
 
 
+@technique
 def run_positions(model: HookedModel, settings: PositionSettings = PositionSettings(), *,
                   heads: Sequence | None = None, log: Callable[[str], None] = lambda text: None,
                   progress: bool = False) -> dict:
