@@ -33,6 +33,8 @@ EXACT = dict(atol=1e-10, rtol=0)
 # differently (a linear fold of the norm, eager against SDPA) differ by float32 rounding of values of
 # order 1, about 1e-7: the tolerance is float32's.
 HF_FLOAT32 = dict(atol=1e-6, rtol=1e-6)
+# Sites that exist only in eager attention: hooking one switches the model to it.
+EAGER_SITES = ("hook_pattern", "hook_attn_scores")
 
 
 def exact_for(model, *, eager: bool = False) -> dict:

@@ -6,7 +6,7 @@ families added after it pass these, in ALL_FAMILIES."""
 import pytest
 import torch
 
-from conftest import ALL_FAMILIES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
+from conftest import ALL_FAMILIES, EAGER_SITES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
 from mechscope import HookedModel
 from mechscope.models.adapters import ADAPTERS
 from mechscope.models.adapters.base import norm_apply
@@ -31,7 +31,7 @@ def test_logits_are_plain_transformers_and_inert_hooks_change_nothing(pair):
     hf, model = pair
     plain = hf(input_ids=TOKENS).logits
     assert torch.equal(model(TOKENS), plain)
-    inert = [(n, lambda act, hook: None) for n in model.hook_names if not n.endswith("hook_pattern")]
+    inert = [(n, lambda act, hook: None) for n in model.hook_names if not n.endswith(EAGER_SITES)]
     assert torch.equal(model.run_with_hooks(TOKENS, fwd_hooks=inert), plain)
     own = hf.config._attn_implementation  # sdpa, or eager where the family has no other (Gemma 2)
     hf.config._attn_implementation = "eager"
@@ -129,9 +129,30 @@ def test_per_head_inputs_are_what_each_head_reads(pair):
         assert not torch.allclose(written, model(TOKENS)), kind
 
 
+def test_attention_scores_are_what_the_softmax_takes(pair):
+    """hook_attn_scores: its softmax is hook_pattern, and scores written so that head 0 sees only its
+    own position (never masked, sliding windows included) give exactly what that pattern gives."""
+    _, model = pair
+    _, cache = model.run_with_cache(TOKENS, names_filter=["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"])
+    scores = cache["blocks.1.attn.hook_attn_scores"]  # [batch, head, q_pos, k_pos]
+    torch.testing.assert_close(scores.softmax(-1, dtype=torch.float32).to(scores.dtype), cache["pattern", 1])
+    own = torch.eye(TOKENS.shape[1], dtype=torch.bool)
+
+    def own_position_scores(act, hook):
+        act[:, 0].masked_fill_(~own, torch.finfo(act.dtype).min)
+
+    def own_position_pattern(act, hook):
+        act[:, 0] = own.to(act)
+
+    by_scores = model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.attn.hook_attn_scores", own_position_scores)])
+    by_pattern = model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.1.attn.hook_pattern", own_position_pattern)])
+    torch.testing.assert_close(by_scores, by_pattern, **exact_for(model))
+    assert not torch.allclose(by_scores, model(TOKENS))
+
+
 def test_writing_every_activation_back_changes_nothing(pair):
     _, model = pair
-    names = [n for n in model.hook_names if not n.endswith("hook_pattern")]
+    names = [n for n in model.hook_names if not n.endswith(EAGER_SITES)]
     logits, cache = model.run_with_cache(TOKENS, names_filter=names)
     back = model.run_with_hooks(TOKENS, fwd_hooks=[(n, lambda act, hook: cache[hook.name].clone()) for n in names])
     torch.testing.assert_close(back, logits, **exact_for(model))

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from conftest import EXACT, exact_for, tiny_hf, tiny_model
+from conftest import EAGER_SITES, EXACT, exact_for, tiny_hf, tiny_model
 from mechscope import HookedModel
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
 
 def _names(model: HookedModel, *, pattern: bool) -> list[str]:
-    return [n for n in model.hook_names if n.endswith("hook_pattern") == pattern]
+    return [n for n in model.hook_names if n.endswith(EAGER_SITES) == pattern]
 
 
 def test_inert_hooks_are_bitwise_equal_to_transformers(model, tokens):
@@ -31,7 +31,8 @@ def test_inert_pattern_hooks_are_bitwise_equal_to_eager_transformers(family, tok
 
 
 # Sites whose write path recomputes something the model computed its own way; equal to float error.
-RECOMPUTED = ("hook_resid_mid", "hook_result", "hook_scale", "hook_pattern")
+RECOMPUTED = ("hook_resid_mid", "hook_result", "hook_scale", "hook_q_input", "hook_k_input", "hook_v_input",
+              *EAGER_SITES)
 
 
 @pytest.mark.parametrize("pattern", [False, True], ids=["sdpa", "eager"])
@@ -197,6 +198,6 @@ def test_in_place_edits_take_effect_as_returned_ones(model, tokens):
     def read(act, hook):  # reads, even through views, edit nothing
         seen.append(act[..., :1].sum().item() + act.detach().abs().max().item())
 
-    names = [n for n in names if not n.endswith("hook_pattern")]  # eager attention rounds otherwise
+    names = [n for n in names if not n.endswith(EAGER_SITES)]  # eager attention rounds otherwise
     assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(n, read) for n in names]), base)
     assert len(seen) == len(names)

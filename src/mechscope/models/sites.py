@@ -10,8 +10,8 @@ Most sites are one module and a lens (`ModuleSite`). Some need more than that:
 - `blocks.{l}.hook_q_input|k_input|v_input` are per-head copies of the norm's input, each written
   copy recomputed through the norm and the projection (`HeadInputSite`);
 - `blocks.{l}.attn.hook_result` is computed from `hook_z` only when hooked (`ResultSite`);
-- `blocks.{l}.attn.hook_pattern` exists only in eager attention, which the model switches to while
-  a pattern is hooked (`PatternSite`);
+- `blocks.{l}.attn.hook_pattern` and `hook_attn_scores` exist only in eager attention, which the
+  model switches to while one is hooked (`PatternSite`, `ScoresSite`);
 - `ln_final.hook_scale` is recomputed from the final norm's input (`ScaleSite`).
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mechscope.errors import HookNameError
+from mechscope.errors import HookNameError, UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, Place, at_input, norm_apply, norm_scale
 from mechscope.models.lens import FIRST, IN, Lens, heads
 
@@ -249,7 +249,11 @@ def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
     if eager is None:
         raise NotImplementedError(f"{type(module).__name__} has no eager attention to read patterns from")
     query, key = _rotated(module, query, key)
-    out, weights = eager(module, query, key, value, attention_mask, **kwargs)
+    score_hooks = getattr(module, "_mechscope_score_hooks", ())
+    if score_hooks:
+        out, weights = _with_scores(eager, score_hooks, module, query, key, value, attention_mask, **kwargs)
+    else:
+        out, weights = eager(module, query, key, value, attention_mask, **kwargs)
     for fn, point, backward in list(getattr(module, "_mechscope_pattern_hooks", ())):
         new = _run(fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
         if new is not None:
@@ -257,6 +261,35 @@ def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
             v = value.repeat_interleave(weights.shape[1] // value.shape[1], dim=1)  # [batch, head, k_pos, d_head]
             out = torch.matmul(weights, v).transpose(1, 2).contiguous()  # [batch, q_pos, head, d_head]
     return out, weights
+
+
+def _with_scores(eager, hooks, *args, **kwargs):
+    """The family's eager attention with `hook_attn_scores` hooks run on the input of its softmax:
+    the scores as it computes them (scaled, soft-capped where the family caps, masked). Every
+    family's eager attention takes exactly one `nn.functional.softmax`, over the keys; it is
+    intercepted for the length of this one call, and a family that never calls it is refused."""
+    import torch.nn.functional as F
+
+    softmax, seen = F.softmax, []
+
+    def scored(scores, *a, **k):
+        if not seen:  # the attention scores, [batch, head, q_pos, k_pos]
+            seen.append(scores.shape)
+            for fn, point, backward in list(hooks):
+                new = _run(fn, point, scores, backward)
+                if new is not None:
+                    scores = new
+        return softmax(scores, *a, **k)
+
+    F.softmax = scored
+    try:
+        result = eager(*args, **kwargs)
+    finally:
+        F.softmax = softmax
+    if not seen:
+        raise UnsupportedModelError(f"{type(args[0]).__name__}'s eager attention takes no nn.functional.softmax, so "
+                                    "hook_attn_scores cannot be read there")
+    return result
 
 
 class AttentionSwitch:
@@ -347,6 +380,24 @@ class PatternSite:
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         hooks = self.attn.__dict__.setdefault("_mechscope_pattern_hooks", [])
+        entry = (fn, point, backward)
+        hooks.append(entry)
+        self.switch.acquire()
+        att.on_remove(self.switch.release)
+        att.on_remove(lambda: hooks.remove(entry))
+
+
+@dataclass(frozen=True)
+class ScoresSite:
+    """Attention scores before the softmax, [batch, head, q_pos, k_pos], as the family's eager
+    attention computes them: scaled, soft-capped (Gemma 2), and masked (the mask's large negative
+    value where a key is hidden, not -inf). Hooking it switches to eager attention, as the pattern."""
+
+    attn: nn.Module
+    switch: AttentionSwitch
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        hooks = self.attn.__dict__.setdefault("_mechscope_score_hooks", [])
         entry = (fn, point, backward)
         hooks.append(entry)
         self.switch.acquire()
@@ -451,6 +502,7 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
             n_heads = cfg.n_heads if name == "q" else cfg.n_kv_heads
             sites[b + f"hook_{name}_input"] = (HeadInputSite(a.module(a.attn_norm, l), a.module(proj.path, l), proj.lens,
                                                              n_heads), l)
+        sites[b + "attn.hook_attn_scores"] = (ScoresSite(a.module(a.attn, l), switch), l)
         sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), switch), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)

@@ -112,7 +112,7 @@ def collect(
         raise InputError("no sites to collect: name at least one hook, e.g. 'blocks.3.hook_resid_post'")
     names = [n for name in names for n in model._resolve(name)]
     for name in names:
-        if name.endswith("hook_pattern"):
+        if name.endswith(("hook_pattern", "hook_attn_scores")):
             raise InputError(f"{name} is [batch, head, q_pos, k_pos], not one vector per position; collect "
                              "hook_z or the residual stream instead")
     if dtype not in DTYPES:

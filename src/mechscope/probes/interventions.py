@@ -104,8 +104,8 @@ def _basis(direction) -> Tensor:
 
 def _at_positions(site: str, edit, positions: Positions, head: int | None, d: int,
                   source: Tensor | None = None) -> HookFn:
-    if site.endswith("hook_pattern"):
-        raise InputError(f"{site}: attention patterns have no direction space; intervene on the residual "
+    if site.endswith(("hook_pattern", "hook_attn_scores")):
+        raise InputError(f"{site}: attention patterns and scores have no direction space; intervene on the residual "
                          "stream, an attention or MLP output, or hook_q|k|v|z with head=")
     wanted = None if positions is None else torch.as_tensor(positions, dtype=torch.long).flatten()
     if wanted is not None and (wanted < 0).any():
