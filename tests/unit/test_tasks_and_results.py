@@ -121,6 +121,14 @@ def test_patch_bad_input(model):
         activation_patch(model, batch, site="resid_pre", heads=[0])
     custom = activation_patch(model, batch, site="head_z", heads=[1], metric=lambda logits, b: logits[:, 0])
     assert custom.values.shape == (3, 1) and custom.metric == "<lambda>"
+    # Negative layers and heads count from the end, as in Python (and TransformerLens's cache).
+    last = activation_patch(model, batch, site="head_z", layers=[-1], heads=[-1])
+    assert last.labels == {"layer": ["2"], "head": [str(model.cfg.n_heads - 1)]}
+    assert torch.equal(last.values, activation_patch(model, batch, site="head_z", layers=[2],
+                                                     heads=[model.cfg.n_heads - 1]).values)
+    from mechscope.discovery import Graph
+
+    assert Graph.from_model(model, layers=[-1]).to_spec() == Graph.from_model(model, layers=[2]).to_spec()
 
 
 def test_results_show_themselves_in_notebooks_as_their_report():

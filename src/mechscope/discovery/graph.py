@@ -111,11 +111,11 @@ class Graph:
     @classmethod
     def from_model(cls, model, *, split_qkv: bool = True, layers: Sequence[int] | None = None,
                    nodes: Iterable[str] | None = None) -> "Graph":
-        """The graph of a HookedModel; `layers` and `nodes` restrict it (edges outside a restricted
-        graph are never ablated: they keep their clean values)."""
+        """The graph of a HookedModel; `layers` (negative ones count from the end) and `nodes`
+        restrict it (edges outside a restricted graph are never ablated: they keep their clean values)."""
         c = model.cfg
         return cls(GraphSpec(c.n_layers, c.n_heads, c.n_kv_heads, c.parallel_residual, split_qkv,
-                             None if layers is None else tuple(int(l) for l in layers),
+                             None if layers is None else tuple(int(l) + c.n_layers * (int(l) < 0) for l in layers),
                              None if nodes is None else tuple(nodes)))
 
     @classmethod

@@ -96,13 +96,15 @@ def patch_site(name: str) -> PatchSite:
 
 
 def _check_indices(what: str, given: Sequence[int] | None, n: int) -> list[int]:
+    """The indices asked for (all if None); negative ones count from the end, as in Python."""
     if given is None:
         return list(range(n))
-    given = list(given)
-    bad = [i for i in given if not 0 <= i < n]
+    given = [int(i) for i in given]
+    bad = [i for i in given if not -n <= i < n]
     if bad or not given:
-        raise InputError(f"{what}s {bad or given} are out of range; this model has {what}s 0 .. {n - 1}")
-    return given
+        raise InputError(f"{what}s {bad or given} are out of range; this model has {what}s 0 .. {n - 1} "
+                         f"(or -{n} .. -1 from the end)")
+    return [i % n for i in given]
 
 
 def _position_labels(model: "HookedModel", batch: "ContrastiveBatch") -> list[str]:
