@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_relatively_close
+from conftest import EAGER_SITES, assert_relatively_close
 from mechscope.cli import DEMO_PROMPTS
 from mechscope.models import zoo
 
@@ -76,7 +76,7 @@ def test_hooks_on_the_real_model(fixture, request):
     cfg = model.cfg
     tokens = model.to_tokens(PROMPTS[:2])
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith("hook_pattern"))
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: not n.endswith(EAGER_SITES))
         assert torch.equal(logits, model(tokens))
     assert cache["k", 0].shape == (2, tokens.shape[1], cfg.n_kv_heads, cfg.d_head)
     assert cfg.n_kv_heads < cfg.n_heads  # both zoo models use grouped-query attention
