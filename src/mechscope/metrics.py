@@ -89,3 +89,24 @@ def resolve_metric(metric: str | Metric, clean_read_logits: Tensor) -> tuple[str
     if metric == "kl_div":
         return metric, partial(kl_div, reference=clean_read_logits)
     return metric, METRICS[metric]
+
+
+def from_transformer_lens(fn: Callable[[Tensor], Tensor]) -> Metric:
+    """A TransformerLens-style metric, `fn(logits [batch, pos, d_vocab]) -> scalar` (a mean over the
+    batch, read at position -1), as a mechscope metric. mechscope's runs unembed only each prompt's
+    read position, so `fn` sees logits [batch, 1, d_vocab]: position -1 is the read position, and a
+    metric that reads other positions fails with an InputError. Each prompt gets the batch's value
+    (their mean is `fn`'s)."""
+
+    def metric(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
+        flat = logits.reshape(-1, *logits.shape[-2:])  # [variants, batch, d_vocab]
+        try:
+            values = torch.stack([torch.as_tensor(fn(variant[:, None, :])).reshape(()) for variant in flat])
+        except (IndexError, RuntimeError) as err:
+            raise InputError(f"the TransformerLens-style metric {getattr(fn, '__name__', fn)!r} failed on logits "
+                             f"[batch, 1, d_vocab] ({err}); it sees only the read position: index it as "
+                             "logits[:, -1]") from err
+        return values.reshape(logits.shape[:-2])[..., None].expand(logits.shape[:-1])  # [..., batch]
+
+    metric.__name__ = getattr(fn, "__name__", "transformer_lens_metric")
+    return metric

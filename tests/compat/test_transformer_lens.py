@@ -205,3 +205,33 @@ def test_patching_agrees(pair):
     for site, table in theirs.items():  # k/v per key/value head in both (TransformerLens 4.3 too)
         ours = activation_patch(model, batch, site=site, per_position=site == "resid_pre").values
         torch.testing.assert_close(ours, table.to(ours), **CLOSE, msg=site)
+
+
+def test_a_transformer_lens_metric_patches_alike(pair):
+    """A metric written for TransformerLens (logits [batch, pos, d_vocab] -> scalar, read at -1),
+    wrapped by `from_transformer_lens`, gives TransformerLens's table; one that reads another
+    position is refused with a clear error."""
+    from transformer_lens import patching
+
+    from mechscope import InputError
+    from mechscope.metrics import from_transformer_lens
+    from mechscope.patching import activation_patch
+    from mechscope.tasks import ContrastiveBatch
+
+    model, bridge = pair
+    batch = ContrastiveBatch.from_pairs(model, ["the cat sat", "one dog ran"], ["the rat sat", "one fox ran"],
+                                        ["a", "b"], ["c", "d"])  # equal lengths: -1 is the read position
+    rows = torch.arange(len(batch))
+
+    def tl_logit_diff(logits):
+        last = logits[:, -1]  # [batch, d_vocab]
+        return (last[rows, batch.answer] - last[rows, batch.wrong]).mean()
+
+    _, clean_cache = bridge.run_with_cache(batch.clean)
+    corrupt = tl_logit_diff(bridge(batch.corrupt))
+    table = patching.get_act_patch_attn_head_out_all_pos(bridge, batch.corrupt, clean_cache,
+                                                          lambda logits: tl_logit_diff(logits) - corrupt)
+    ours = activation_patch(model, batch, site="head_z", metric=from_transformer_lens(tl_logit_diff))
+    torch.testing.assert_close(ours.values, table.to(ours.values), **CLOSE)
+    with pytest.raises(InputError, match=r"sees only the read position: index it as logits\[:, -1\]"):
+        activation_patch(model, batch, site="head_z", metric=from_transformer_lens(lambda logits: logits[:, 3, 0].mean()))
