@@ -89,6 +89,10 @@ def test_bad_receivers():
         path_patch(model, batch, receivers=[(0, 1)])
     with pytest.raises(InputError, match="receiver_input 'q', 'k' or 'v'"):
         path_patch(model, batch, receivers=[(2, 1)], receiver_input="z")
+    # Negative indices count from the end, as in Python.
+    ends = path_patch(model, batch, receivers=[(-1, -1)], receiver_input="k", senders=[(-2, 0), (0, -1)])
+    named = path_patch(model, batch, receivers=[(2, 1)], receiver_input="k", senders=[(1, 0), (0, 3)])
+    assert torch.equal(ends.values.nan_to_num(7.0), named.values.nan_to_num(7.0))
 
 
 def test_recorded_runs_shared_between_calls_give_the_same_numbers():

@@ -58,7 +58,8 @@ def path_patch(
     """Effect of every sender head (layer x head, for the layers before the last receiver) on the
     metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
 
-    receivers: "logits" (the final residual stream) or [(layer, head), ...] whose `receiver_input`
+    receivers: "logits" (the final residual stream) or [(layer, head), ...] (negative indices count
+    from the end) whose `receiver_input`
     ("q", "k" or "v"; k and v name key/value heads) is patched, at every position (`at="all"`), at
     each prompt's read position (`at="read"`) or at one given position per prompt (`at`: [batch]
     positions, e.g. IOI's S2). senders: only these (layer, head) (the other cells
@@ -75,12 +76,12 @@ def path_patch(
     cfg = model.cfg
     to_logits = receivers == "logits"
     if not to_logits:
-        receivers = [tuple(r) for r in receivers]
         positions = isinstance(at, Tensor) and at.shape == (len(batch),)
         if receiver_input not in ("q", "k", "v") or not (positions or at in ("all", "read")) or not receivers:
             raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all', 'read' or one position per "
                              "prompt, and at least one head")
         n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
+        receivers = [_from_end(r, cfg.n_layers, n_recv) for r in receivers]
         bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
         if bad:
             raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
@@ -88,7 +89,7 @@ def path_patch(
     last = cfg.n_layers if to_logits else max(layer for layer, _ in receivers)
     chosen = {l: list(range(cfg.n_heads)) for l in range(last)}
     if senders is not None:
-        senders = [tuple(int(x) for x in s) for s in senders]
+        senders = [_from_end(s, cfg.n_layers, cfg.n_heads) for s in senders]
         bad = [s for s in senders if not (0 <= s[0] < last and 0 <= s[1] < cfg.n_heads)]
         if bad:
             raise InputError(f"senders {bad} are not heads before layer {last} (the last receiver's layer)")
@@ -170,6 +171,12 @@ class PathRuns:
     source_cache: ActivationCache
     target_cache: ActivationCache
     inputs: LayerInputs
+
+
+def _from_end(head, n_layers: int, n_heads: int) -> tuple[int, int]:
+    """(layer, head) with negative indices counted from the end (out-of-range ones stay, to be named)."""
+    layer, h = (int(x) for x in head)
+    return (layer + n_layers if -n_layers <= layer < 0 else layer, h + n_heads if -n_heads <= h < 0 else h)
 
 
 @technique
