@@ -226,7 +226,7 @@ class ActivationCache:
         norm, scale_name = self._norm(layer, mlp_input)
         if recompute_ln:
             return norm(x)
-        if self.model.adapter.norm_kind == "layernorm":
+        if self.model.adapter.norm_kind.startswith("layernorm"):
             x = x - x.mean(-1, keepdim=True)
         scale = self._pos(self[scale_name], pos_slice, positions)  # [batch, pos, 1], as the stack was sliced
         if has_batch_dim and batch_slice is not None:

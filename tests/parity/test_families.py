@@ -103,6 +103,19 @@ def test_rotated_q_and_k_are_q_and_k_after_rotary(pair):
     assert torch.allclose(theirs[names[2]], theirs[names[0]]) != bool(rotates)  # rotated, or not where it is not
 
 
+def test_direct_logit_attribution_adds_up_to_the_logits(pair):
+    """Every part of the final stream through the final norm (its cached scale) and W_U, plus the
+    norm's bias and b_U: the logits (before Gemma 2's final soft-cap). W_U carries Cohere's logit scale."""
+    hf, model = pair
+    logits, cache = model.run_with_cache(TOKENS, names_filter=lambda n: not n.endswith(EAGER_SITES))
+    direct = cache.decompose_resid(apply_ln=True) @ model.W_U  # [component, batch, pos, d_vocab]
+    norm = model.adapter.module(model.adapter.final_norm)
+    bias = getattr(norm, "bias", None)
+    total = direct.sum(0) + (0 if bias is None else bias @ model.W_U) + (0 if model.b_U is None else model.b_U)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    torch.testing.assert_close(total if cap is None else torch.tanh(total / cap) * cap, logits, **exact_for(model))
+
+
 def test_per_head_inputs_are_what_each_head_reads(pair):
     """hook_q_input|k_input|v_input: read, resid_pre once per head; another prompt's resid_pre
     written into head h's copy is exactly that prompt's q (k, v) written into head h, and nothing

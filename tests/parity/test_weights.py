@@ -38,7 +38,7 @@ def test_projections_reproduce_q_k_v(model):
             torch.testing.assert_close(mine, cache[f"blocks.{l}.attn.hook_{kind}"], **tol)
             if post is None:  # folded: the same from the normalised stream, before the norm's gain and bias
                 scale = cache[f"blocks.{l}.ln1.hook_scale"]
-                centred = x - x.mean(-1, keepdim=True) if a.norm_kind == "layernorm" else x
+                centred = x - x.mean(-1, keepdim=True) if a.norm_kind.startswith("layernorm") else x
                 folded = torch.einsum("bpd,hde->bphe", centred / scale, folded_W[l]) + folded_b[l]
                 torch.testing.assert_close(folded, cache[f"blocks.{l}.attn.hook_{kind}"], **tol)
     expanded, _ = w.attention("k", per_query_head=True)

@@ -220,6 +220,7 @@ class HookedModel:
         Gemma's logit soft-capping, where configured). Lets a caller unembed only some positions."""
         a = self.adapter
         logits = a.unembed(a.module(a.final_norm)(resid))
+        logits = logits if a.logit_scale is None else logits * a.logit_scale
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

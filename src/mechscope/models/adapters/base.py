@@ -53,7 +53,8 @@ class Adapter:
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values
-    norm_kind: ClassVar[str]  # "layernorm" | "rmsnorm" | "rmsnorm_plus_one" (Gemma's (1 + w))
+    norm_kind: ClassVar[str]  # "layernorm" | "layernorm32" (in float32, no bias: Cohere) | "rmsnorm" |
+    # "rmsnorm_plus_one" (Gemma's (1 + w))
 
     # Paths relative to the Hugging Face model.
     embed: ClassVar[str]
@@ -135,13 +136,20 @@ class Adapter:
         return self.hf.get_output_embeddings()
 
     @property
+    def logit_scale(self) -> float | None:
+        """A factor the model multiplies its logits by after the unembedding (Cohere's), or None."""
+        return None
+
+    @property
     def W_U(self) -> torch.Tensor:
-        """Unembedding, [d_model, d_vocab]."""
-        return self.unembed.weight.T
+        """Unembedding, [d_model, d_vocab] (times the logit scale, where the model has one)."""
+        w = self.unembed.weight.T
+        return w if self.logit_scale is None else w * self.logit_scale
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        return getattr(self.unembed, "bias", None)
+        b = getattr(self.unembed, "bias", None)
+        return b if b is None or self.logit_scale is None else b * self.logit_scale
 
     # ---- per-head attention output in the residual stream -----------------------------------
     def head_results(
@@ -214,6 +222,8 @@ def norm_scale(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The divisor a norm applies, [batch, pos, 1] (TransformerLens's `hook_scale`)."""
     if kind == "layernorm":
         return (x.var(-1, keepdim=True, unbiased=False) + _eps(norm)).sqrt()
+    if kind == "layernorm32":
+        return (x.float().var(-1, keepdim=True, unbiased=False) + _eps(norm)).sqrt()
     return (x.float().pow(2).mean(-1, keepdim=True) + _eps(norm)).sqrt()
 
 
@@ -226,6 +236,9 @@ def norm_apply(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor)
     """The norm's output with a given scale, written the way the family's module computes it."""
     if kind == "layernorm":
         return (x - x.mean(-1, keepdim=True)) / scale * norm.weight + norm.bias
+    if kind == "layernorm32":
+        wide = x.float()
+        return ((wide - wide.mean(-1, keepdim=True)) / scale * norm.weight.float()).to(x.dtype)
     if kind == "rmsnorm":
         return norm.weight * (x.float() / scale).to(x.dtype)
     return (x.float() / scale * norm_weight(kind, norm)).to(x.dtype)

@@ -1,5 +1,5 @@
 """Families whose attention and MLP read one norm of the same stream and add to it together
-(parallel residual, as GPT-J introduced): GPT-J and Phi (1, 1.5, 2). There is no resid_mid."""
+(parallel residual, as GPT-J introduced): GPT-J, Phi (1, 1.5, 2) and Cohere. There is no resid_mid."""
 
 from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, Place
@@ -63,3 +63,28 @@ class PhiAdapter(Adapter):
 
     def qkv(self) -> dict[str, Place]:
         return {name: Place(f"self_attn.{name}_proj", heads(self.cfg.d_head)) for name in "qkv"}
+
+
+class CohereAdapter(PhiAdapter):
+    """Cohere (Command R): Phi's parallel layout with a gated MLP, a LayerNorm without bias that
+    computes in float32, and logits multiplied by `logit_scale` (in W_U too, so direct logit
+    attribution adds up to the logits)."""
+
+    family = "cohere"
+    model_types = ("cohere",)
+    norm_kind = "layernorm32"
+
+    final_norm = "model.norm"
+    out_proj = "self_attn.o_proj"
+    down_proj = "mlp.down_proj"
+    mlp_pre = Place("mlp.gate_proj")
+    mlp_pre_linear = Place("mlp.up_proj")
+
+    def check(self) -> None:
+        if self.hf.config.use_qk_norm:
+            raise UnsupportedModelError("Cohere with use_qk_norm (Command R+) is not supported yet: its q/k norms "
+                                        "are not covered by the family tests")
+
+    @property
+    def logit_scale(self) -> float | None:
+        return float(self.hf.logit_scale)
