@@ -53,7 +53,7 @@ class Adapter:
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values
-    norm_kind: ClassVar[str]  # "layernorm" | "layernorm32" (in float32, no bias: Cohere) | "rmsnorm" |
+    norm_kind: ClassVar[str]  # "layernorm" | "layernorm32" (in float32, no bias: Cohere, OLMo) | "rmsnorm" |
     # "rmsnorm_plus_one" (Gemma's (1 + w))
 
     # Paths relative to the Hugging Face model.
@@ -214,8 +214,10 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 # ---- norms: the math of each kind, for reading and writing `ln_final.hook_scale` ---------------
 def _eps(norm: nn.Module) -> float:
-    eps = getattr(norm, "eps", None)
-    return eps if eps is not None else norm.variance_epsilon
+    for name in ("eps", "variance_epsilon"):
+        if getattr(norm, name, None) is not None:
+            return getattr(norm, name)
+    return 1e-5  # OLMo's weightless LayerNorm passes F.layer_norm's default
 
 
 def norm_scale(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -228,7 +230,10 @@ def norm_scale(kind: str, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def norm_weight(kind: str, norm: nn.Module) -> torch.Tensor:
-    """The multiplier a norm applies after dividing by its scale, [d_model]."""
+    """The multiplier a norm applies after dividing by its scale, [d_model] (ones for OLMo's, which
+    has no weight)."""
+    if getattr(norm, "weight", None) is None:
+        return torch.ones(norm.normalized_shape, dtype=torch.float32)
     return 1.0 + norm.weight.float() if kind == "rmsnorm_plus_one" else norm.weight
 
 
@@ -238,7 +243,7 @@ def norm_apply(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor)
         return (x - x.mean(-1, keepdim=True)) / scale * norm.weight + norm.bias
     if kind == "layernorm32":
         wide = x.float()
-        return ((wide - wide.mean(-1, keepdim=True)) / scale * norm.weight.float()).to(x.dtype)
+        return ((wide - wide.mean(-1, keepdim=True)) / scale * norm_weight(kind, norm).float()).to(x.dtype)
     if kind == "rmsnorm":
         return norm.weight * (x.float() / scale).to(x.dtype)
     return (x.float() / scale * norm_weight(kind, norm)).to(x.dtype)

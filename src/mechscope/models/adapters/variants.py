@@ -108,5 +108,18 @@ class Qwen3MoeAdapter(Qwen3Adapter):
     moe_block, router = "mlp", "mlp.gate"
 
 
+class OlmoAdapter(LlamaAdapter):
+    """OLMo (1): Llama's layout with LayerNorms that have no weight or bias and compute in float32."""
+
+    family = "olmo"
+    model_types = ("olmo",)
+    norm_kind = "layernorm32"
+
+    def check(self) -> None:
+        if self.hf.config.clip_qkv is not None:
+            raise UnsupportedModelError("OLMo with clip_qkv is not supported yet: it clamps q, k and v in place after "
+                                        "the projections, after hook_q|k|v have read them")
+
+
 VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter,
-            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter)
+            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter)
