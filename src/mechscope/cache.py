@@ -341,15 +341,12 @@ class ActivationCache:
     def _neuron_results(self, l: int, pos_slice, neurons: Tensor) -> Tensor:
         """[batch, pos, neuron, d_model]: each neuron's activation times its row of the MLP's output
         projection (through Gemma's post-MLP norm with the scale it had)."""
-        from mechscope.models.lens import OUT
-        from mechscope.models.weights import read_affine
-
         a = self.model.adapter
         if a.is_moe(l):
             raise UnsupportedModelError(f"layer {l} is a mixture of experts, fused inside its block: no neurons "
                                         "to stack (use expand_neurons=False, or decompose_resid)")
         post = _slice(self[f"blocks.{l}.mlp.hook_post"], pos_slice, -2)  # [batch, pos, d_mlp]
-        w, b = read_affine(a.module(a.down_proj, l), OUT, self.model.cfg.d_mlp, what=f"layer {l}'s MLP")
+        w, b = a.mlp_out_affine(l)  # [d_mlp, d_model], [d_model]
         with torch.no_grad():
             parts = post[..., neurons, None] * w[neurons]  # [batch, pos, neuron, d_model]
             if a.mlp_post_norm is None:
@@ -417,16 +414,13 @@ class ActivationCache:
     def _bias(self, attn_layers: int, mlp_layers: int) -> Tensor:
         """The attention output biases of the first `attn_layers` layers plus the MLP output biases
         of the first `mlp_layers` (none behind a post-norm: Gemma has none), [d_model]."""
-        from mechscope.models.lens import OUT
-        from mechscope.models.weights import read_affine
-
         a, total = self.model.adapter, torch.zeros(self.model.cfg.d_model, dtype=torch.float64)
         for l in range(attn_layers):
             b = a.b_O(l) if a.attn_post_norm is None else None
             total += 0 if b is None else b.detach().double()
         for l in range(mlp_layers):
             if a.mlp_post_norm is None:
-                total += read_affine(a.module(a.down_proj, l), OUT, self.model.cfg.d_mlp, what="an MLP")[1].double()
+                total += a.mlp_out_affine(l)[1].double()
         return total
 
     def logit_attrs(

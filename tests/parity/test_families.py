@@ -57,8 +57,9 @@ def test_every_hook_reads_what_the_module_computes(pair):
                                    attn_out, **tol)
         if a.attn_post_norm is None and f"blocks.{l}.mlp.hook_post" in model.hook_names:  # (not Gemma 3's
             # post-norm, nor a mixture of experts)
-            down = a.module(a.down_proj, l)
-            torch.testing.assert_close(down(cache[f"blocks.{l}.mlp.hook_post"]), cache[f"blocks.{l}.hook_mlp_out"], **tol)
+            w_out, b_out = a.mlp_out_affine(l)  # the down projection (times Granite's residual multiplier)
+            torch.testing.assert_close(cache[f"blocks.{l}.mlp.hook_post"] @ w_out + b_out,
+                                       cache[f"blocks.{l}.hook_mlp_out"], **tol)
         pre, post = cache[f"blocks.{l}.hook_resid_pre"], cache[f"blocks.{l}.hook_resid_post"]
         if model.cfg.parallel_residual:
             torch.testing.assert_close(pre + attn_out + cache[f"blocks.{l}.hook_mlp_out"], post, **tol)

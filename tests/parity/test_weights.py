@@ -88,8 +88,9 @@ def test_mlp_weights_reproduce_the_mlp(model):
             pre = cache[f"blocks.{l}.mlp.{name}"]
             torch.testing.assert_close(d_normed @ W[l], pre - pre[:1, :1], **exact_for(model))
         post, down = cache[f"blocks.{l}.mlp.hook_post"], a.module(a.down_proj, l)
-        bias = getattr(down, "bias", None)
-        torch.testing.assert_close(post @ W_out[l] + (0 if bias is None else bias), down(post), **exact_for(model))
+        bias, m = getattr(down, "bias", None), a.residual_multiplier or 1.0  # W_out carries Granite's multiplier
+        torch.testing.assert_close(post @ W_out[l] + (0 if bias is None else bias * m), down(post) * m,
+                                   **exact_for(model))
 
 
 def test_factored_products_and_composition_scores_equal_their_definitions():

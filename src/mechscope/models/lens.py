@@ -85,3 +85,9 @@ def span(start: int, stop: int) -> Lens:
         return torch.cat([v[..., :start], a.reshape(*v.shape[:-1], stop - start), v[..., stop:]], dim=-1)
 
     return Lens(get=lambda v: v[..., start:stop], put=put)
+
+
+def scaled(factor: float) -> Lens:
+    """A value times `factor` (Granite's multipliers on what enters the residual stream); a written
+    value is divided by it on its way back."""
+    return Lens(get=lambda v: v * factor, put=lambda v, a: a / factor)

@@ -170,7 +170,10 @@ class ResultSite:
 
         def write(result: torch.Tensor):
             new = _run(fn, point, result, backward)
-            return None if new is None else a.attn_out_from_results(layer, new)
+            if new is None:
+                return None
+            out = a.attn_out_from_results(layer, new)  # what is added; the projection's output is that
+            return out if a.residual_multiplier is None else out / a.residual_multiplier  # before Granite's factor
 
         if a.attn_post_norm is None:
             _forward_hook(att, proj, lambda m, args, out: write(a.head_results(layer, args[0])))
@@ -486,7 +489,7 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
     def place(p: Place, layer: int | None = None) -> ModuleSite:
         return ModuleSite(a.module(p.path, layer), p.lens, p.on_input)
 
-    sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed)), None)}
+    sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed, a.embed_lens)), None)}
     if a.pos_embed is not None:
         sites["hook_pos_embed"] = (PosEmbedSite(a.module(a.embed), a.module(a.pos_embed)), None)
     for l, layer in enumerate(a.layer_modules()):

@@ -166,7 +166,8 @@ class Weights:
     # ---- embeddings and MLP --------------------------------------------------------------------
     @property
     def W_E(self) -> Tensor:
-        """[d_vocab, d_model] (without Gemma's sqrt(d_model) scale, which the embedding module applies)."""
+        """[d_vocab, d_model] (without Gemma's sqrt(d_model) scale, which the embedding module applies,
+        nor Granite's embedding multiplier)."""
         return self.adapter.module(self.adapter.embed).weight.detach()
 
     @property
@@ -202,8 +203,5 @@ class Weights:
 
     @property
     def W_out(self) -> Tensor:
-        """[layer, d_mlp, d_model]: the down projection."""
-        from mechscope.models.adapters.base import Place
-
-        place = Place(self.adapter.down_proj)
-        return torch.stack([self._read(place, l, self.cfg.d_mlp) for l in self._mlp_layers()])
+        """[layer, d_mlp, d_model]: the down projection (times Granite's residual multiplier)."""
+        return torch.stack([self.adapter.mlp_out_affine(l)[0] for l in self._mlp_layers()])

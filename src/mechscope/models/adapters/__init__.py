@@ -22,7 +22,6 @@ ADAPTERS: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, G
 # Families that look like a supported one but compute something else: why each is refused.
 NOT_YET = {
     "olmo2": "its norms come after attention and the MLP (not before), and its q/k norms span all heads",
-    "granite": "it scales embeddings, attention and each residual write by multipliers",
     "olmoe": "its q/k norms span all heads together (as OLMo-2's), so a head's q is not its own projection's",
     "opt": "its MLP runs on the stream flattened to [batch * pos, d_model], so its sites have no position axis",
     "gpt_neo": "its attention is not Hugging Face's pluggable kind, so hook_pattern cannot be read there",

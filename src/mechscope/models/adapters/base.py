@@ -58,6 +58,7 @@ class Adapter:
 
     # Paths relative to the Hugging Face model.
     embed: ClassVar[str]
+    embed_lens: ClassVar[Lens] = OUT  # the embedding module's output -> what enters the residual stream
     pos_embed: ClassVar[str | None] = None
     layers: ClassVar[str]
     final_norm: ClassVar[str]
@@ -126,14 +127,31 @@ class Adapter:
         """Output projection per head, [head, d_head, d_model]."""
         proj = self.module(self.out_proj, layer)
         weight = proj.weight if _is_conv1d(proj) else proj.weight.T  # [head * d_head, d_model]
-        return weight.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+        weight = weight.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+        return weight if self.residual_multiplier is None else weight * self.residual_multiplier
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        return self.module(self.out_proj, layer).bias
+        bias = self.module(self.out_proj, layer).bias
+        return bias if bias is None or self.residual_multiplier is None else bias * self.residual_multiplier
 
     @property
     def unembed(self) -> nn.Module:
         return self.hf.get_output_embeddings()
+
+    @property
+    def residual_multiplier(self) -> float | None:
+        """A factor on attention's and the MLP's outputs before the residual add (Granite's), or None:
+        W_O, b_O and `mlp_out_affine` include it, so heads and neurons sum to what is added."""
+        return None
+
+    def mlp_out_affine(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_out [d_mlp, d_model], b_out [d_model]): what `mlp.hook_post` becomes in `hook_mlp_out`
+        (before Gemma's post-MLP norm), read from the down projection."""
+        from mechscope.models.weights import read_affine
+
+        w, b = read_affine(self.module(self.down_proj, layer), OUT, self.cfg.d_mlp, what=f"layer {layer}'s MLP")
+        m = self.residual_multiplier
+        return (w, b) if m is None else (w * m, b * m)
 
     @property
     def logit_scale(self) -> float | None:

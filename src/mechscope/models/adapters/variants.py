@@ -6,7 +6,7 @@ from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Place
 from mechscope.models.adapters.gemma import Gemma3Adapter
 from mechscope.models.adapters.llama import LlamaAdapter
-from mechscope.models.lens import OUT, heads, span
+from mechscope.models.lens import FIRST, OUT, heads, scaled, span
 
 
 class Qwen3Adapter(LlamaAdapter):
@@ -121,5 +121,35 @@ class OlmoAdapter(LlamaAdapter):
                                         "the projections, after hook_q|k|v have read them")
 
 
+class GraniteAdapter(LlamaAdapter):
+    """Granite: Llama's layout with multipliers on the embeddings and on each attention and MLP output
+    before the residual add, its own attention scale, and logits divided by `logits_scaling`. The
+    sites show what enters the residual stream (multipliers applied); W_O, b_O and W_out include the
+    residual multiplier and W_U the logit divisor, so heads, neurons and DLA add up."""
+
+    family = "granite"
+    model_types = ("granite",)
+
+    @property
+    def embed_lens(self):
+        return scaled(self.hf.config.embedding_multiplier)
+
+    @property
+    def attn_out(self) -> Place:
+        return Place("self_attn", FIRST >> scaled(self.hf.config.residual_multiplier))
+
+    @property
+    def mlp_out(self) -> Place:
+        return Place("mlp", scaled(self.hf.config.residual_multiplier))
+
+    @property
+    def residual_multiplier(self) -> float | None:
+        return float(self.hf.config.residual_multiplier)
+
+    @property
+    def logit_scale(self) -> float | None:
+        return 1.0 / self.hf.config.logits_scaling
+
+
 VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter,
-            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter)
+            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter, GraniteAdapter)
