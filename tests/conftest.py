@@ -144,7 +144,7 @@ FAMILIES = list(_configs())  # the deep suite: every technique's tests run on ea
 def _more_configs() -> dict:
     """Families proven by tests/parity/test_families.py alone (the same checks a family must pass,
     without every technique's own tests). Options that could hide a bug are set off their defaults."""
-    from transformers import (CohereConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, GraniteConfig, MistralConfig, MixtralConfig, OlmoConfig,
+    from transformers import (CohereConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, GPTNeoConfig, GraniteConfig, MistralConfig, MixtralConfig, OlmoConfig,
                               Phi3Config, PhiConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SmolLM3Config,
                               StableLmConfig, Starcoder2Config)
 
@@ -176,6 +176,10 @@ def _more_configs() -> dict:
                                  attention_multiplier=0.3, logits_scaling=2.5, pad_token_id=0, **common),
         "olmo": OlmoConfig(num_key_value_heads=2, pad_token_id=0, **common),
         "cohere": CohereConfig(num_key_value_heads=2, logit_scale=0.5, pad_token_id=0, **common),
+        "gpt_neo": GPTNeoConfig(hidden_size=64, num_layers=3, num_heads=4, attention_types=[[["global", "local"], 1],
+                                                                                          [["local"], 1]],
+                                window_size=4, max_position_embeddings=64, vocab_size=VOCAB, bos_token_id=1,
+                                eos_token_id=2),
         "gpt_bigcode-mha": GPTBigCodeConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, multi_query=False,
                                             vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
     }

@@ -290,9 +290,50 @@ def _with_scores(eager, hooks, *args, **kwargs):
     finally:
         F.softmax = softmax
     if not seen:
-        raise UnsupportedModelError(f"{type(args[0]).__name__}'s eager attention takes no nn.functional.softmax, so "
+        raise UnsupportedModelError("this family's eager attention takes no nn.functional.softmax, so "
                                     "hook_attn_scores cannot be read there")
     return result
+
+
+class MethodSwitch:
+    """For a family whose attention is a method of its module (GPT-Neo's `_attn(query, key, value,
+    mask) -> (output, weights)`), not Hugging Face's pluggable kind: while a pattern or the scores of
+    this one module are hooked, that method runs the hooks (the scores through `_with_scores`, the
+    pattern on the weights it returns, the output recomputed from a written pattern)."""
+
+    def __init__(self, module: nn.Module, method: str):
+        self.module, self.method, self.count = module, method, 0
+
+    def acquire(self, kind: str = "pattern") -> None:
+        if self.count == 0:
+            self._install()
+        self.count += 1
+
+    def release(self, kind: str = "pattern") -> None:
+        self.count -= 1
+        if self.count == 0:
+            del self.module.__dict__[self.method]
+
+    def _install(self) -> None:
+        module, original = self.module, getattr(type(self.module), self.method)
+
+        def own(*args, **kwargs):
+            return original(module, *args, **kwargs)
+
+        def hooked(query, key, value, attention_mask=None):
+            score_hooks = module.__dict__.get("_mechscope_score_hooks", ())
+            if score_hooks:
+                out, weights = _with_scores(own, score_hooks, query, key, value, attention_mask)
+            else:
+                out, weights = own(query, key, value, attention_mask)
+            for fn, point, backward in list(module.__dict__.get("_mechscope_pattern_hooks", ())):
+                new = _run(fn, point, weights, backward)  # [batch, head, q_pos, k_pos]
+                if new is not None:
+                    weights = new
+                    out = torch.matmul(weights.to(value.dtype), value)  # [batch, head, q_pos, d_head]
+            return out, weights
+
+        self.module.__dict__[self.method] = hooked
 
 
 class AttentionSwitch:
@@ -505,8 +546,9 @@ def build_sites(adapter: Adapter, switch: AttentionSwitch) -> dict[str, tuple[An
             n_heads = cfg.n_heads if name == "q" else cfg.n_kv_heads
             sites[b + f"hook_{name}_input"] = (HeadInputSite(a.module(a.attn_norm, l), a.module(proj.path, l), proj.lens,
                                                              n_heads), l)
-        sites[b + "attn.hook_attn_scores"] = (ScoresSite(a.module(a.attn, l), switch), l)
-        sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), switch), l)
+        attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
+        sites[b + "attn.hook_attn_scores"] = (ScoresSite(a.module(a.attn, l), attn_switch), l)
+        sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), attn_switch), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
         sites[b + "hook_attn_out"] = (attn_out, l)

@@ -66,9 +66,11 @@ class LayerInputs:
 
     @property
     def resumable(self) -> bool:
-        """Whether runs can resume at a position: every layer's arguments are understood."""
+        """Whether runs can resume at a position: the family allows it (`Adapter.resumes_at_a_position`)
+        and every layer's arguments are understood."""
         n_pos = self.resid[0].shape[1]
-        return bool(self._calls) and all(call.resumable(n_pos) for call in self._calls)
+        return (self.model.adapter.resumes_at_a_position and bool(self._calls)
+                and all(call.resumable(n_pos) for call in self._calls))
 
     def _keep_keys_values(self) -> None:
         from transformers import DynamicCache

@@ -10,21 +10,20 @@ from torch import nn
 from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, ModelConfig
 from mechscope.models.adapters.gemma import Gemma2Adapter, Gemma3Adapter
-from mechscope.models.adapters.gpt2 import GPT2Adapter, GPTBigCodeAdapter
+from mechscope.models.adapters.gpt2 import GPT2Adapter, GPTBigCodeAdapter, GPTNeoAdapter
 from mechscope.models.adapters.llama import LlamaAdapter
 from mechscope.models.adapters.neox import NeoXAdapter
 from mechscope.models.adapters.parallel import CohereAdapter, GPTJAdapter, PhiAdapter
 from mechscope.models.adapters.variants import VARIANTS
 
 ADAPTERS: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, Gemma3Adapter, Gemma2Adapter, *VARIANTS,
-                                       GPTBigCodeAdapter, GPTJAdapter, PhiAdapter, CohereAdapter)
+                                       GPTBigCodeAdapter, GPTNeoAdapter, GPTJAdapter, PhiAdapter, CohereAdapter)
 
 # Families that look like a supported one but compute something else: why each is refused.
 NOT_YET = {
     "olmo2": "its norms come after attention and the MLP (not before), and its q/k norms span all heads",
     "olmoe": "its q/k norms span all heads together (as OLMo-2's), so a head's q is not its own projection's",
     "opt": "its MLP runs on the stream flattened to [batch * pos, d_model], so its sites have no position axis",
-    "gpt_neo": "its attention is not Hugging Face's pluggable kind, so hook_pattern cannot be read there",
 }
 
 

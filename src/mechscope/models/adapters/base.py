@@ -75,6 +75,10 @@ class Adapter:
     mlp_pre: ClassVar[Place | None] = None  # the MLP's pre-activation (the gate, for gated MLPs)
     mlp_pre_linear: ClassVar[Place | None] = None  # a gated MLP's linear half (its up projection)
     rotary: ClassVar[bool] = True  # q and k rotated inside attention: hook_rot_q|k
+    attn_method: ClassVar[str | None] = None  # attention as a method of `attn` (GPT-Neo's _attn), not pluggable
+    # Whether a patched run may start at a position over recorded keys and values (patching/resume.py):
+    # not where the attention masks itself by a buffer aligned to the last query (GPT-Neo's windows).
+    resumes_at_a_position: ClassVar[bool] = True
     moe_block: ClassVar[str | None] = None  # mixture of experts: the block (the MLP node) ...
     router: ClassVar[str | None] = None  # ... and its router, on layers that have one
 

@@ -1,8 +1,9 @@
-"""GPT-2: fused q/k/v projection (Conv1D), learned positions, LayerNorm; and GPT-BigCode, laid out
-like it."""
+"""GPT-2: fused q/k/v projection (Conv1D), learned positions, LayerNorm; and GPT-BigCode and GPT-Neo,
+laid out like it."""
 
 from dataclasses import replace
 
+from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, ModelConfig, Place
 from mechscope.models.lens import FIRST, OUT, chunk, heads, span
 
@@ -53,3 +54,27 @@ class GPTBigCodeAdapter(GPT2Adapter):
         return {"q": Place("attn.c_attn", span(0, q) >> heads(d)), "k": Place("attn.c_attn", span(q, q + d) >> heads(d)),
                 "v": Place("attn.c_attn", span(q + d, q + 2 * d) >> heads(d))}
 
+
+
+class GPTNeoAdapter(GPT2Adapter):
+    """GPT-Neo (and TinyStories): GPT-2's layout with separate q/k/v projections, no attention scaling,
+    and local (sliding-window) layers; its attention is a method of its own (`_attn`), which runs the
+    pattern and score hooks while they are attached."""
+
+    family = "gpt_neo"
+    model_types = ("gpt_neo",)
+    attn = "attn.attention"
+    out_proj = "attn.attention.out_proj"
+    attn_method = "_attn"
+    # Its local window is a buffer aligned to the last query; rows that start at different positions
+    # would see the wrong keys, so patched runs start at the patched layer only.
+    resumes_at_a_position = False
+
+    def check(self) -> None:
+        kinds = {type(self.module(self.attn, l)).__name__ for l in range(len(self.layer_modules()))}
+        if kinds != {"GPTNeoSelfAttention"}:
+            raise UnsupportedModelError(f"GPT-Neo with {sorted(kinds)} attention is not supported: load it with "
+                                        "attn_implementation='eager' (the flash kernel never forms the pattern)")
+
+    def qkv(self) -> dict[str, Place]:
+        return {name: Place(f"attn.attention.{name}_proj", heads(self.cfg.d_head)) for name in "qkv"}
