@@ -19,14 +19,8 @@ from torch import Tensor, nn
 from mechscope.errors import InputError, UnsupportedModelError
 from mechscope.models.adapters import adapter_for
 from mechscope.models.adapters.base import ModelConfig
-from mechscope.models.sites import (
-    Attachment,
-    AttentionSwitch,
-    HookFn,
-    HookPoint,
-    build_sites,
-    unknown_name_error,
-)
+from mechscope.models.attention import AttentionSwitch
+from mechscope.models.sites import Attachment, HookFn, HookPoint, build_sites, unknown_name_error
 
 _PER_HEAD_COPIES = ("attn.hook_result", "hook_q_input", "hook_k_input", "hook_v_input")
 Hooks = Sequence[tuple[str | Callable[[str], bool], HookFn]]
