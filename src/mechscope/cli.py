@@ -40,6 +40,9 @@ Direction = Annotated[str, typer.Option(help="denoise (clean into corrupt) or no
 MetricName = Annotated[str, typer.Option(help="logit_diff, answer_prob or kl_div.")]
 Top = Annotated[int, typer.Option(help="How many components to print.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
+# Options of every command that loads a model.
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the model spread over the GPUs by accelerate).")]
+DType = Annotated[str, typer.Option(help="float32, float16 or bfloat16: the weights and every activation.")]
 
 
 @contextmanager
@@ -119,7 +122,8 @@ def models_fetch(
 
 
 @app.command()
-def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, directory, .gguf or hub id.")) -> None:
+def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, directory, .gguf or hub id."),
+         device: Device = "cpu", dtype: DType = "float32") -> None:
     """Load a model and show, for a few IOI prompts, how much it prefers the indirect object."""
     import torch
 
@@ -128,7 +132,7 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
 
     start = time.perf_counter()
     with _clear_errors():
-        m = load_model(model, progress=True)
+        m = load_model(model, device=device, dtype=dtype, progress=True)
     console.print(f"{m}  (loaded in {time.perf_counter() - start:.1f} s)")
     prompts = [p for p, _, _ in DEMO_PROMPTS]
     tokens, last = m.to_tokens(prompts), m.last_positions(prompts)
@@ -150,7 +154,7 @@ def demo(model: str = typer.Option("smollm2-135m", help="Model spec: zoo alias, 
 def patch(
     model: ModelSpec, site: Site, out: Out, prompts: Prompts = None, task: Task = None, n: N = 8, seed: Seed = 0,
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
-    top: Top = 10, overwrite: Overwrite = False,
+    top: Top = 10, overwrite: Overwrite = False, device: Device = "cpu", dtype: DType = "float32",
 ) -> None:
     """Exact activation patching of every component of a site; writes OUT (JSON) and its report
     (OUT with .html)."""
@@ -158,7 +162,7 @@ def patch(
 
     with _clear_errors():
         files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
-        m = _load(model)
+        m = _load(model, device, dtype)
         batch = _batch(m, prompts, task, n, seed)
         result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
                                   metric=metric, progress=True)
@@ -173,7 +177,7 @@ def attribute(
     method: Annotated[str, typer.Option(help="atp, or atp* (QK fix and GradDrop).")] = "atp",
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
     verify: Annotated[int, typer.Option(help="Check the top K estimates (and K random others) by exact patching.")] = 0,
-    top: Top = 10, overwrite: Overwrite = False,
+    top: Top = 10, overwrite: Overwrite = False, device: Device = "cpu", dtype: DType = "float32",
 ) -> None:
     """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes;
     writes OUT (JSON) and its report (OUT with .html)."""
@@ -187,7 +191,7 @@ def attribute(
         if verify < 0:
             raise InputError(f"--verify must be 0 (no check) or a number of components to check, not {verify}")
         files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
-        m = _load(model)
+        m = _load(model, device, dtype)
         batch = _batch(m, prompts, task, n, seed)
         result = attribution_patch(m, batch, sites=[site], method=method, per_position=per_position,
                                    direction=direction, metric=metric)[site]
@@ -210,6 +214,7 @@ def ioi_study(
     threshold: Annotated[float, typer.Option(help="An effect counts when |effect| >= threshold * F(M).")] = 0.01,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the ioi.json and report.html of an "
                                             "earlier run in OUT.")] = False,
+    device: Device = "cpu", dtype: DType = "float32",
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
     evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done)."""
@@ -219,7 +224,7 @@ def ioi_study(
         _check_n(n)
         settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
         files = _study_outputs(out, "ioi.json", overwrite)
-        m = _load(model)
+        m = _load(model, device, dtype)
         result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
         _write_study(out, files, result)
     _print_circuit(result)
@@ -242,6 +247,7 @@ def discover_command(
     eval_prompts: Annotated[Optional[Path], typer.Option(help="JSONL of fresh prompts to evaluate the circuit on "
                                                          "(default with --task: as many fresh prompts).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier run in OUT.")] = False,
+    device: Device = "cpu", dtype: DType = "float32",
 ) -> None:
     """Circuit discovery on edges (EAP, EAP-IG, ACDC): score every edge, choose a circuit, measure its
     faithfulness; writes OUT/discover.json, OUT/scores.json (every edge) and OUT/report.html."""
@@ -270,7 +276,7 @@ def discover_command(
             raise InputError(f"--eval-prompts {eval_prompts} is not a file; give a JSONL file of prompts")
         files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite,
                                inputs=[f for f in (prompts, eval_prompts) if f is not None])
-        m = _load(model)
+        m = _load(model, device, dtype)
         batch = _batch(m, prompts, task, n, seed)
         if eval_prompts is not None:
             eval_batch = ContrastiveBatch.from_jsonl(m, eval_prompts)
@@ -338,6 +344,7 @@ def positions_study(
     seed: Seed = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the positions.json and report.html of "
                                             "an earlier run in OUT.")] = False,
+    device: Device = "cpu", dtype: DType = "float32",
 ) -> None:
     """The positional hypothesis: probe every layer for a token's word index in a list of words,
     against the absolute position and controls, then patch IOI's S-inhibition heads across templates.
@@ -349,7 +356,7 @@ def positions_study(
         settings = PositionSettings(n=n, n_ioi=n_ioi, seed=seed)
         chosen = _parse_heads_option(heads)
         files = _study_outputs(out, "positions.json", overwrite)
-        m = _load(model)
+        m = _load(model, device, dtype)
         result = run_positions(m, settings, heads=chosen, progress=True,
                                log=lambda text: console.print(f"[dim]{text}[/dim]"))
         _write_study(out, files, result)
@@ -477,10 +484,10 @@ def _write_result(result, files: list[Path]) -> None:
     write_files({files[0]: result.to_json(), files[1]: render(result)})
 
 
-def _load(spec: str):
+def _load(spec: str, device: str = "cpu", dtype: str = "float32"):
     from mechscope import load_model
 
-    return load_model(spec, progress=True)
+    return load_model(spec, device=device, dtype=dtype, progress=True)
 
 
 def _batch(model, prompts: Path | None, task: str | None, n: int, seed: int):

@@ -253,3 +253,22 @@ def test_discover_refuses_bad_options_before_loading(tmp_path, extra, message):
     done = runner.invoke(app, ["discover", "--model", "never-loaded", "--task", "ioi", "--out", str(tmp_path / "o"), *extra])
     assert done.exit_code == 1 and message in " ".join(done.output.split()), done.output
     assert not (tmp_path / "o").exists()
+
+
+def test_device_and_dtype_options(model_dir, tmp_path):
+    """Every command that loads a model takes --device and --dtype; a bad one is a clear error before
+    any weight is read, and nothing is written."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"clean": "the cat sat", "corrupt": "the rat sat", "answer": "a", "wrong": "b"}))
+    out = tmp_path / "r.json"
+    base = ["patch", "--model", str(model_dir), "--prompts", str(prompts), "--site", "resid_pre", "--out", str(out)]
+    done = runner.invoke(app, base + ["--dtype", "float64"])
+    assert done.exit_code == 1 and "dtype 'float64' is not one of float32, float16, bfloat16" in done.output
+    done = runner.invoke(app, base + ["--device", "cuda:7"])
+    assert done.exit_code == 1 and ("lacks" in done.output or "cuda:7" in done.output), done.output
+    assert not out.exists()
+    done = runner.invoke(app, base + ["--dtype", "bfloat16", "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(out.read_text())["n_prompts"] == 1
+    for command in ("attribute", "ioi", "discover", "positions", "demo"):
+        assert "--device" in runner.invoke(app, [command, "--help"], terminal_width=200).output, command

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from mechscope.errors import ModelLoadError
+from mechscope.errors import InputError, ModelLoadError
 from mechscope.models import zoo
 from mechscope.models.hooked import HookedModel
 
@@ -100,7 +100,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+        raise InputError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
