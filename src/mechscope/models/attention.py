@@ -213,32 +213,20 @@ class RotarySite:
 
 
 @dataclass(frozen=True)
-class PatternSite:
-    """Attention weights after softmax, [batch, head, q_pos, k_pos]."""
+class EagerSite:
+    """A site that exists only in eager attention; hooking it switches the module there.
+
+    "pattern": the attention weights after the softmax, [batch, head, q_pos, k_pos].
+    "scores": the scores before it, as the family's eager attention computes them: scaled,
+    soft-capped (Gemma 2), and masked (the mask's large negative value where a key is hidden, not -inf).
+    """
 
     attn: nn.Module
     switch: AttentionSwitch
+    kind: str  # "pattern" or "scores"
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
-        hooks = self.attn.__dict__.setdefault("_mechscope_pattern_hooks", [])
-        entry = (fn, point, backward)
-        hooks.append(entry)
-        self.switch.acquire()
-        att.on_remove(self.switch.release)
-        att.on_remove(lambda: hooks.remove(entry))
-
-
-@dataclass(frozen=True)
-class ScoresSite:
-    """Attention scores before the softmax, [batch, head, q_pos, k_pos], as the family's eager
-    attention computes them: scaled, soft-capped (Gemma 2), and masked (the mask's large negative
-    value where a key is hidden, not -inf). Hooking it switches to eager attention, as the pattern."""
-
-    attn: nn.Module
-    switch: AttentionSwitch
-
-    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
-        hooks = self.attn.__dict__.setdefault("_mechscope_score_hooks", [])
+        hooks = self.attn.__dict__.setdefault(f"_mechscope_{'pattern' if self.kind == 'pattern' else 'score'}_hooks", [])
         entry = (fn, point, backward)
         hooks.append(entry)
         self.switch.acquire()

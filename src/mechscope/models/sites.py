@@ -302,7 +302,7 @@ LOGITS = Lens(get=lambda out: out.logits, put=lambda out, a: out.__setitem__("lo
 
 def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[Any, int | None]]:
     """Every hook name of the model -> (site, layer)."""
-    from mechscope.models.attention import MethodSwitch, PatternSite, RotarySite, ScoresSite  # (they import this module)
+    from mechscope.models.attention import EagerSite, MethodSwitch, RotarySite  # (it imports this module)
 
     a, cfg = adapter, adapter.cfg
 
@@ -326,8 +326,8 @@ def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[
             sites[b + f"hook_{name}_input"] = (HeadInputSite(a.module(a.attn_norm, l), a.module(proj.path, l), proj.lens,
                                                              n_heads), l)
         attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
-        sites[b + "attn.hook_attn_scores"] = (ScoresSite(a.module(a.attn, l), attn_switch), l)
-        sites[b + "attn.hook_pattern"] = (PatternSite(a.module(a.attn, l), attn_switch), l)
+        sites[b + "attn.hook_attn_scores"] = (EagerSite(a.module(a.attn, l), attn_switch, "scores"), l)
+        sites[b + "attn.hook_pattern"] = (EagerSite(a.module(a.attn, l), attn_switch, "pattern"), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
         sites[b + "hook_attn_out"] = (attn_out, l)
