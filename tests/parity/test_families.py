@@ -6,7 +6,7 @@ families added after it pass these, in ALL_FAMILIES."""
 import pytest
 import torch
 
-from conftest import ALL_FAMILIES, EAGER_SITES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
+from conftest import ALL_FAMILIES, EAGER_SITES, HF_FLOAT32, byte_tokenizer, exact_for, tiny_batch, tiny_hf
 from mechscope import HookedModel
 from mechscope.models.adapters import ADAPTERS
 from mechscope.models.adapters.base import norm_apply
@@ -145,15 +145,20 @@ def test_per_head_inputs_are_what_each_head_reads(pair):
 
 def test_attention_scores_are_what_the_softmax_takes(pair):
     """hook_attn_scores: its softmax is hook_pattern, and scores written so that head 0 sees only its
-    own position (never masked, sliding windows included) give exactly what that pattern gives."""
+    own position (never masked, sliding windows included) give exactly what that pattern gives.
+    GPT-OSS's scores end with each head's sink, which takes its share of the softmax."""
     _, model = pair
     _, cache = model.run_with_cache(TOKENS, names_filter=["blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern"])
-    scores = cache["blocks.1.attn.hook_attn_scores"]  # [batch, head, q_pos, k_pos]
-    torch.testing.assert_close(scores.softmax(-1, dtype=torch.float32).to(scores.dtype), cache["pattern", 1])
-    own = torch.eye(TOKENS.shape[1], dtype=torch.bool)
+    scores = cache["blocks.1.attn.hook_attn_scores"]  # [batch, head, q_pos, k_pos (+ 1 sink)]
+    n_pos = TOKENS.shape[1]
+    sinks = scores.shape[-1] - n_pos
+    assert sinks == (model.cfg.family == "gpt_oss")
+    probabilities = scores.softmax(-1, dtype=torch.float32).to(scores.dtype)[..., :n_pos]
+    torch.testing.assert_close(probabilities, cache["pattern", 1], **HF_FLOAT32)  # a float32 softmax here
+    own = torch.eye(n_pos, dtype=torch.bool)
 
-    def own_position_scores(act, hook):
-        act[:, 0].masked_fill_(~own, torch.finfo(act.dtype).min)
+    def own_position_scores(act, hook):  # the sink hidden too
+        act[:, 0].masked_fill_(~torch.cat([own, own.new_zeros(n_pos, sinks)], -1), torch.finfo(act.dtype).min)
 
     def own_position_pattern(act, hook):
         act[:, 0] = own.to(act)
@@ -238,7 +243,7 @@ def test_edge_patching_ends_at_the_clean_and_the_corrupt_run(pair):
     torch.testing.assert_close(out[1], read_logits(model(batch.corrupt), batch), **exact_for(model))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"])
 def test_the_router_site_is_the_routing_and_a_zeroed_expert_is_gone(family):
     """hook_router holds each token's top-k weights (k nonzero per token); zeroing an expert's column
     there gives exactly the model whose expert has a zero down projection (an independent ablation)."""
@@ -255,6 +260,9 @@ def test_the_router_site_is_the_routing_and_a_zeroed_expert_is_gone(family):
         act[..., 1] = 0
 
     ablated = model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.mlp.hook_router", drop)])
-    hf.model.layers[0].mlp.experts.down_proj[1].zero_()
+    experts = hf.model.layers[0].mlp.experts
+    experts.down_proj[1].zero_()
+    if hasattr(experts, "down_proj_bias"):  # GPT-OSS's experts have biases
+        experts.down_proj_bias[1].zero_()
     torch.testing.assert_close(ablated, hf(input_ids=TOKENS).logits, **exact_for(model))
     assert not torch.allclose(ablated, before)

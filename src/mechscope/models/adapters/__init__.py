@@ -28,8 +28,6 @@ NOT_YET = {
              "Face's pluggable kind nor a method to wrap, so hook_pattern cannot be read there",
     "falcon": "its attention is written inline in its forward (SDPA or its own math, ALiBi or rotary), neither "
               "Hugging Face's pluggable kind nor a method to wrap, so hook_pattern cannot be read there",
-    "gpt_oss": "each head's attention sink takes a share of its softmax, and its experts are a clamped SwiGLU; the "
-               "family tests do not cover either yet",
 }
 
 

@@ -151,5 +151,18 @@ class GraniteAdapter(LlamaAdapter):
         return 1.0 / self.hf.config.logits_scaling
 
 
+class GptOssAdapter(MixtralAdapter):
+    """GPT-OSS: Mixtral's layout with biases, a learned attention sink per head, and a clamped SwiGLU
+    in its experts. The sink takes a share of each query's softmax: `hook_pattern` rows sum to less
+    than 1 (the rest went to the sink), and `hook_attn_scores` has one more key, the sink's logit,
+    last (each row shifted by its maximum, as its eager attention computes them)."""
+
+    family = "gpt_oss"
+    model_types = ("gpt_oss",)
+    router = "mlp.router"
+    mlp_out = Place("mlp", FIRST)  # the block returns (output, router scores)
+
+
 VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter,
-            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter, GraniteAdapter)
+            MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter, GraniteAdapter,
+            GptOssAdapter)
