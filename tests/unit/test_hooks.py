@@ -185,6 +185,11 @@ def test_loss_and_stop_at_layer_as_transformer_lens(model, tokens):
     with model.hooks([(f"blocks.{n - 1}.hook_resid_pre", lambda act, hook: seen.append(1))]):
         model(tokens, stop_at_layer=1)
     assert seen == []  # the last layer never ran
+    resid, part = model.run_with_cache(tokens, stop_at_layer=1,  # as TransformerLens's: the stream, no logits
+                                       names_filter=lambda name: not name.endswith(("hook_pattern", "hook_attn_scores")))
+    assert torch.equal(resid, cache["blocks.1.hook_resid_pre"]) and "blocks.0.attn.hook_z" in part
+    assert torch.equal(part["blocks.0.hook_resid_post"], cache["blocks.0.hook_resid_post"]) and "hook_logits" not in part
+    assert not any(name.startswith(f"blocks.{n - 1}.") for name in part)
     for bad, message in (({"stop_at_layer": n + 1}, "stop_at_layer must be between"),
                          ({"return_type": "probs"}, "return_type is 'logits'")):
         with pytest.raises(InputError, match=message):

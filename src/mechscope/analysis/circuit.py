@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import at_positions, logit_diff, read_logits
+from mechscope.metrics import at_positions, logit_diff
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.resume import LayerInputs
 from mechscope.progress import progress_bar
@@ -58,7 +58,7 @@ def group_means(model: HookedModel, batch: ContrastiveBatch, reference: Contrast
         raise InputError(f"the reference prompts have no template {missing[:3]}; give every template of the batch")
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
     with torch.no_grad():
-        _, cache = model.run_with_cache(reference.corrupt, names_filter=names)
+        _, cache = model.run_with_cache(reference.corrupt, names_filter=names, stop_at_layer=model.cfg.n_layers)
     n_pos = batch.clean.shape[1]
     rows = {g: torch.tensor([i for i, r in enumerate(ref_groups) if r == g], device=model.device) for g in set(groups)}
     out = {}
@@ -94,8 +94,9 @@ class Knockouts:
         self.means = group_means(model, batch, reference)
         self.inputs = LayerInputs(model, len(batch))
         with torch.no_grad(), self.inputs.recording():
-            logits = model(batch.clean)
-        self.model_logit_diff = logit_diff(read_logits(logits, batch), batch).mean().item()  # F(M)
+            final = model(batch.clean, stop_at_layer=model.cfg.n_layers)  # [batch, pos, d_model]: no logits
+            logits = model.logits_from_resid(at_positions(final, batch.read_pos))  # [batch, d_vocab], as knockouts
+        self.model_logit_diff = logit_diff(logits, batch).mean().item()  # F(M)
         # Recorded runs to resume from: (which heads each knocks out [layer, head], its layers' inputs, its F)
         no_ablation = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool, device=model.device)
         self.bases: list[tuple[Tensor, LayerInputs, float]] = [(no_ablation, self.inputs, self.model_logit_diff)]

@@ -41,7 +41,8 @@ def head_scores(model: HookedModel, *, n: int = 8, length: int = 20, seed: int =
     start = time.perf_counter()
     tokens, prefix = induction(model, n, length=length, seed=seed)
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"))
+        _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_pattern"),
+                                        stop_at_layer=model.cfg.n_layers)  # no logits
     pattern = torch.stack([cache["pattern", l] for l in range(model.cfg.n_layers)])  # [layer, batch, head, q, k]
     n_pos = tokens.shape[1]
     second = torch.arange(prefix + length, n_pos)  # queries in the repeat
@@ -72,7 +73,8 @@ def attention_from_end(model: HookedModel, batch: ContrastiveBatch, positions: d
     `positions[key]` (one position per prompt, e.g. IOI's IO, S1, S2), averaged over prompts."""
     start = time.perf_counter()
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.clean, names_filter=lambda name: name.endswith("hook_pattern"))
+        _, cache = model.run_with_cache(batch.clean, names_filter=lambda name: name.endswith("hook_pattern"),
+                                        stop_at_layer=model.cfg.n_layers)  # no logits
     rows = torch.arange(len(batch))
     out = {}
     for key, pos in positions.items():
@@ -107,7 +109,7 @@ def copy_scores(
     scores = {kind: torch.full((cfg.n_layers, cfg.n_heads), float("nan"), dtype=wide)
               for kind in ("copy", "negative_copy")}
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.clean, names_filter=names)
+        _, cache = model.run_with_cache(batch.clean, names_filter=names, stop_at_layer=model.cfg.n_layers)
         rows = torch.arange(len(batch))
         keys = list(positions.values())
         tokens = torch.cat([batch.clean[rows, pos] for pos in keys])  # [case]

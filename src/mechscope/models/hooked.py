@@ -321,9 +321,12 @@ class HookedModel:
         names_filter: NamesFilter = None,
         attention_mask: Tensor | None = None,
         device: str | torch.device | None = None,
+        stop_at_layer: int | None = None,
     ):
         """Forward once (in the caller's grad mode), returning (logits, ActivationCache of the
-        selected sites, detached).
+        selected sites, detached). With `stop_at_layer` (as in TransformerLens), the run ends at the
+        residual stream entering that layer, which takes the place of the logits: the layers after
+        it, the final norm and the unembedding never run (`n_layers`: every layer, no logits).
 
         With no filter every site is cached except the per-head ones of [batch, pos, head, d_model]
         (large): `attn.hook_result` (name it, or use `cache.stack_head_results()`, which computes it
@@ -337,7 +340,8 @@ class HookedModel:
         def keep(act: Tensor, hook: HookPoint) -> None:
             store[hook.name] = act.detach().to(device) if device is not None else act.detach()
 
-        logits = self.run_with_hooks(tokens, fwd_hooks=[(n, keep) for n in names], attention_mask=attention_mask)
+        with self.hooks(fwd_hooks=[(n, keep) for n in names]):
+            logits = self(tokens, attention_mask=attention_mask, stop_at_layer=stop_at_layer)
         return logits, ActivationCache({n: store[n] for n in names if n in store}, self)
 
     def _select(self, names_filter: NamesFilter) -> list[str]:
