@@ -241,14 +241,19 @@ class HookedModel:
         attached: list[Attachment] = []
         try:
             for site_name, fn, backward in plan:
-                site, layer = self._sites[site_name]
-                att = Attachment()
-                attached.append(att)
-                site.attach(fn, HookPoint(site_name, layer), backward, att)
+                self._attach(site_name, fn, backward, attached)
             yield self
         finally:
             for att in reversed(attached):
                 att.remove()
+
+    def _attach(self, site_name: str, fn: HookFn, backward: bool, attached: list[Attachment]) -> None:
+        """Attach one hook to one site; its Attachment goes into `attached` first, so that a failed
+        attach is still removed."""
+        site, layer = self._sites[site_name]
+        att = Attachment()
+        attached.append(att)
+        site.attach(fn, HookPoint(site_name, layer), backward, att)
 
     def add_hook(self, name: str | Callable[[str], bool], hook: HookFn, dir: str = "fwd",
                  is_permanent: bool = False) -> None:
@@ -260,10 +265,11 @@ class HookedModel:
         names = self._resolve(name)
         self._check_modules()
         for site_name in names:
-            site, layer = self._sites[site_name]
-            att = Attachment()
-            site.attach(hook, HookPoint(site_name, layer), dir == "bwd", att)
-            self._added.append((site_name, att, is_permanent))
+            pending: list[Attachment] = []
+            try:
+                self._attach(site_name, hook, dir == "bwd", pending)
+            finally:  # even half attached, it is reset_hooks()'s to remove
+                self._added += [(site_name, att, is_permanent) for att in pending]
 
     def reset_hooks(self, including_permanent: bool = False) -> None:
         """Remove the hooks `add_hook` attached (the permanent ones too with `including_permanent`)."""
