@@ -95,8 +95,7 @@ class Knockouts:
         self.inputs = LayerInputs(model, len(batch))
         with torch.no_grad(), self.inputs.recording():
             final = model(batch.clean, stop_at_layer=model.cfg.n_layers)  # [batch, pos, d_model]: no logits
-            logits = model.logits_from_resid(at_positions(final, batch.read_pos))  # [batch, d_vocab], as knockouts
-        self.model_logit_diff = logit_diff(logits, batch).mean().item()  # F(M)
+        self.model_logit_diff = self._logit_diffs(final, 1)[0]  # F(M), read as every knockout's is
         # Recorded runs to resume from: (which heads each knocks out [layer, head], its layers' inputs, its F)
         no_ablation = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool, device=model.device)
         self.bases: list[tuple[Tensor, LayerInputs, float]] = [(no_ablation, self.inputs, self.model_logit_diff)]
