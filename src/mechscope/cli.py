@@ -42,7 +42,7 @@ Top = Annotated[int, typer.Option(help="How many components to print.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist.")]
 # Options of every command that loads a model.
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the model spread over the GPUs by accelerate).")]
-DType = Annotated[str, typer.Option(help="float32, float16 or bfloat16: the weights and every activation.")]
+DType = Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64: the weights and every activation.")]
 
 
 @contextmanager

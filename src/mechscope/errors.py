@@ -26,3 +26,8 @@ class InputError(MechscopeError, ValueError):
 
 class OutputError(MechscopeError, OSError):
     """An output path that cannot be written without harm: a directory, a device, an input, ..."""
+
+
+class DistributedError(MechscopeError, RuntimeError):
+    """Work spread over Ray workers that cannot run: Ray missing, no cluster at an address, a shard
+    whose worker keeps dying."""

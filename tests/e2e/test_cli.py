@@ -262,8 +262,8 @@ def test_device_and_dtype_options(model_dir, tmp_path):
     prompts.write_text(json.dumps({"clean": "the cat sat", "corrupt": "the rat sat", "answer": "a", "wrong": "b"}))
     out = tmp_path / "r.json"
     base = ["patch", "--model", str(model_dir), "--prompts", str(prompts), "--site", "resid_pre", "--out", str(out)]
-    done = runner.invoke(app, base + ["--dtype", "float64"])
-    assert done.exit_code == 1 and "dtype 'float64' is not one of float32, float16, bfloat16" in done.output
+    done = runner.invoke(app, base + ["--dtype", "int8"])
+    assert done.exit_code == 1 and "dtype 'int8' is not one of float32, float16, bfloat16, float64" in done.output
     done = runner.invoke(app, base + ["--device", "cuda:7"])
     assert done.exit_code == 1 and ("lacks" in done.output or "cuda:7" in done.output), done.output
     assert not out.exists()

@@ -16,7 +16,8 @@ from mechscope.models.hooked import HookedModel
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "float64": torch.float64}  # float64: for checking an exactness claim, as the tests do
 
 
 def load_model(

@@ -58,11 +58,14 @@ def attribution_patch(
     per_position: bool = False,
     method: str = "atp",
     graddrop: bool = True,
+    graddrop_layers: bool = False,
 ) -> dict[str, PatchResult]:
     """Estimate the effect of patching every component of each site, from the same passes.
 
     Returns {site: PatchResult} with the axes and labels `activation_patch` gives, so the two
-    compare cell by cell; `technique` is "atp" or "atp*". `graddrop` (atp* only) adds GradDrop.
+    compare cell by cell; `technique` is "atp" or "atp*". `graddrop` (atp* only) adds GradDrop;
+    `graddrop_layers` also keeps the signed estimate of each dropped layer, [layer dropped, ...], in
+    `extra["graddrop_layers"]` (means over prompts, so runs on parts of a batch combine exactly).
     """
     start = time.perf_counter()
     if method not in ("atp", "atp*"):
@@ -105,6 +108,8 @@ def attribution_patch(
         extra = {"passes": _passes(spec, star, len(drops), per_position)}
         if len(drops) > 1:
             extra["graddrop"] = (torch.stack([c.abs() for c in per_drop[1:]]).sum(0) / (n_layers - 1)).tolist()
+            if graddrop_layers:
+                extra["graddrop_layers"] = widen(torch.stack(per_drop[1:])).tolist()
         axes, labels = spec.axes(model, batch, layers, heads, per_position)
         results[given[spec.name]] = PatchResult(
             values=widen(per_drop[0].reshape([len(labels[a]) for a in axes])), axes=axes, labels=labels,

@@ -71,6 +71,14 @@ class ContrastiveBatch:
     def __len__(self) -> int:
         return self.clean.shape[0]
 
+    def rows(self, start: int, stop: int) -> "ContrastiveBatch":
+        """Prompts start..stop-1 as a batch of their own, padded as this one is (same positions), so
+        that a per-position result of the part lines up with the whole's."""
+        part = slice(start, stop)
+        return ContrastiveBatch(self.clean[part], self.corrupt[part], self.answer[part], self.wrong[part],
+                                self.read_pos[part], self.clean_prompts[part], self.corrupt_prompts[part],
+                                None if self.groups is None else self.groups[part])
+
     def source_and_target(self, direction: str) -> tuple[Tensor, Tensor]:
         """(the run patched from, the run patched into): denoising patches clean into corrupt,
         noising corrupt into clean."""

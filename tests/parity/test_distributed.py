@@ -1,0 +1,147 @@
+"""Ray workers give the numbers of one process: a local cluster of 2 workers, each loading a tiny
+float64 grouped-query model from a directory (as a user's spec would), against the same technique
+run once on the whole batch.
+
+Tolerance 1e-6, the issue's: exact patching agrees to ~1e-16; gradient techniques to ~1e-7,
+because Hugging Face's RMSNorm computes in float32 even in a float64 model, and the backward of a
+mean over 3 prompts carries 1/3 (rounded in float32) where one over 2 or 4 carries an exact power
+of two."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, tiny_hf
+from mechscope import load_model
+from mechscope.discovery import discover
+from mechscope.errors import DistributedError, InputError
+from mechscope.patching import activation_patch, attribution_patch, path_patch
+from mechscope.tasks import ContrastiveBatch
+
+ray = pytest.importorskip("ray")
+from mechscope.distributed import Cluster, run  # noqa: E402
+
+TOL = 1e-6
+CLEAN = ["the cat sat", "a dog ran far", "my fox hid", "one owl flew off", "the rat ate", "a bee hums now", "we go"]
+CORRUPT = ["the rat sat", "a fox ran off", "my cat hid", "one bat flew onn", "the cat ate", "a cow hums now", "we do"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama-gqa")
+    tiny_hf("llama-gqa").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return load_model(model_dir, dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    """7 prompts of mixed lengths: 4 shards of 1 or 2 prompts."""
+    return ContrastiveBatch.from_pairs(model, CLEAN, CORRUPT, list("abcdefg"), list("hijklmn"))
+
+
+@pytest.fixture(scope="module")
+def cluster(model_dir):
+    with Cluster(model_dir, workers=2, dtype="float64") as c:
+        yield c
+
+
+def assert_same(one, many):
+    assert type(one) is type(many) and one.axes == many.axes and one.labels == many.labels
+    assert many.n_prompts == one.n_prompts and many.values.dtype == one.values.dtype
+    torch.testing.assert_close(many.values, one.values, rtol=0, atol=TOL, equal_nan=True)
+    for key in ("clean_metric", "corrupt_metric"):
+        if hasattr(one, key):
+            assert getattr(many, key) == pytest.approx(getattr(one, key), abs=TOL)
+
+
+@pytest.mark.parametrize("site, per_position", [("head_z", True), ("resid_pre", True), ("head_k", False)])
+def test_exact_patching_equals_one_process(cluster, model, batch, site, per_position):
+    one = activation_patch(model, batch, site=site, per_position=per_position)
+    many = cluster.run(activation_patch, batch, site=site, per_position=per_position)
+    assert_same(one, many)
+    assert many.extra["workers"] == 2 and many.extra["shards"] == 4 and many.extra["retried"] == 0
+
+
+def test_path_patching_with_positions_per_prompt(cluster, model, batch):
+    """`at` has one position per prompt: each shard gets its own prompts' positions."""
+    at = batch.read_pos - 1
+    one = path_patch(model, batch, receivers=[(1, 0)], receiver_input="v", at=at)
+    many = cluster.run(path_patch, batch, receivers=[(1, 0)], receiver_input="v", at=at, shards=3)
+    assert_same(one, many)
+
+
+def test_attribution_and_graddrop_equal_one_process(cluster, model, batch):
+    one = attribution_patch(model, batch, sites=["head_z", "head_q"], method="atp*")
+    many = cluster.run(attribution_patch, batch, sites=["head_z", "head_q"], method="atp*")
+    for site in one:
+        assert_same(one[site], many[site])
+        # GradDrop sums magnitudes of means, so it is formed again from the combined per-layer means
+        torch.testing.assert_close(torch.tensor(many[site].extra["graddrop"]), torch.tensor(one[site].extra["graddrop"]),
+                                   rtol=0, atol=TOL)
+        assert "graddrop_layers" not in many[site].extra  # kept only when asked for
+
+
+@pytest.mark.parametrize("method", ["eap-ig", "exact"])
+def test_edge_scores_equal_one_process(cluster, model, batch, method):
+    one = discover(model, batch, method=method, ablation="zero" if method == "exact" else "corrupt")
+    many = cluster.run(discover, batch, method=method, ablation=one.ablation)
+    assert_same(one, many)
+    for key in ("clean_metric", "empty_metric"):
+        assert many.extra[key] == pytest.approx(one.extra[key], abs=TOL)
+
+
+def _dies_once(marker):
+    """A technique whose first call, in whichever worker, kills that worker's process outright."""
+    def technique(model, batch, **kwargs):
+        try:
+            marker.open("x").close()
+        except FileExistsError:
+            return activation_patch(model, batch, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return technique
+
+
+def test_a_killed_worker_loses_no_shard(cluster, model, batch, tmp_path):
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test's technique travels by value
+    before = list(cluster.pids)
+    many = cluster.run(_dies_once(tmp_path / "died"), batch, site="head_v")
+    assert (tmp_path / "died").exists() and many.extra["retried"] == 1
+    assert len(set(cluster.pids) - set(before)) == 1  # one worker was replaced
+    assert_same(activation_patch(model, batch, site="head_v"), many)
+
+
+def test_a_technique_error_is_itself(cluster, batch):
+    with pytest.raises(InputError, match="unknown"):
+        cluster.run(activation_patch, batch, site="nonsense")
+
+
+def test_what_depends_on_the_whole_batch_is_refused_before_any_work(batch):
+    for kwargs, match in [(dict(method="acdc", threshold=0.1), "ACDC"), (dict(method="eap", ablation="mean"), "mean"),
+                          (dict(runs=object()), "PathRuns")]:
+        with pytest.raises(InputError, match=match):
+            run(discover, batch, model="/nonexistent", workers=2, **kwargs)
+
+
+def test_bad_addresses_and_missing_ray(monkeypatch, model_dir):
+    with pytest.raises(DistributedError, match="not host:port"):
+        Cluster(model_dir, address="nonsense")
+    with pytest.raises(DistributedError, match="no Ray cluster answers at 127.0.0.1:1"):
+        Cluster(model_dir, address="127.0.0.1:1")
+    with pytest.raises(InputError, match="workers must be a positive integer"):
+        Cluster(model_dir, workers=0)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(DistributedError, match=r"pip install 'mechscope\[distributed\]'"):
+        Cluster(model_dir, workers=2)
