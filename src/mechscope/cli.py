@@ -43,6 +43,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace output fil
 # Options of every command that loads a model.
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (the model spread over the GPUs by accelerate).")]
 DType = Annotated[str, typer.Option(help="float32, float16, bfloat16 or float64: the weights and every activation.")]
+# Options of the commands whose results are means over prompts, spread over Ray workers.
+Workers = Annotated[int, typer.Option(help="Spread the prompts over N Ray workers, each loading the model itself "
+                                      "(0: this process). Same numbers; needs mechscope[distributed].")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="With --workers: join this Ray cluster "
+                                                   "(host:port, ray://host:port or auto) instead of starting one.")]
 
 
 @contextmanager
@@ -155,6 +160,7 @@ def patch(
     model: ModelSpec, site: Site, out: Out, prompts: Prompts = None, task: Task = None, n: N = 8, seed: Seed = 0,
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
     top: Top = 10, overwrite: Overwrite = False, device: Device = "cpu", dtype: DType = "float32",
+    workers: Workers = 0, ray_address: RayAddress = None,
 ) -> None:
     """Exact activation patching of every component of a site; writes OUT (JSON) and its report
     (OUT with .html)."""
@@ -162,10 +168,12 @@ def patch(
 
     with _clear_errors():
         files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
+        _check_workers(workers, ray_address)
         m = _load(model, device, dtype)
         batch = _batch(m, prompts, task, n, seed)
-        result = activation_patch(m, batch, site=site, per_position=per_position, direction=direction,
-                                  metric=metric, progress=True)
+        with _cluster(model, workers, ray_address, device, dtype) as cluster:
+            result = _run(m, cluster, activation_patch, batch, site=site, per_position=per_position,
+                          direction=direction, metric=metric, progress=True)
         _write_result(result, files)
     _print_top(result, top)
     console.print(f"wrote {files[0]} and {files[1]} ({result.seconds:.1f} s)")
@@ -178,6 +186,7 @@ def attribute(
     per_position: PerPosition = False, direction: Direction = "denoise", metric: MetricName = "logit_diff",
     verify: Annotated[int, typer.Option(help="Check the top K estimates (and K random others) by exact patching.")] = 0,
     top: Top = 10, overwrite: Overwrite = False, device: Device = "cpu", dtype: DType = "float32",
+    workers: Workers = 0, ray_address: RayAddress = None,
 ) -> None:
     """Attribution patching (AtP / AtP*): every component of a site estimated in a few passes;
     writes OUT (JSON) and its report (OUT with .html)."""
@@ -191,10 +200,12 @@ def attribute(
         if verify < 0:
             raise InputError(f"--verify must be 0 (no check) or a number of components to check, not {verify}")
         files = _check_patching_args(site, out, prompts, task, n, top, direction, metric, overwrite)
+        _check_workers(workers, ray_address)
         m = _load(model, device, dtype)
         batch = _batch(m, prompts, task, n, seed)
-        result = attribution_patch(m, batch, sites=[site], method=method, per_position=per_position,
-                                   direction=direction, metric=metric)[site]
+        with _cluster(model, workers, ray_address, device, dtype) as cluster:
+            result = _run(m, cluster, attribution_patch, batch, sites=[site], method=method,
+                          per_position=per_position, direction=direction, metric=metric)[site]
         if verify:
             check = verify_top_k(m, batch, result, verify)
             result.extra["verify"] = {"top": check.top, "sample": check.sample, "max_missed": check.max_missed}
@@ -214,18 +225,22 @@ def ioi_study(
     threshold: Annotated[float, typer.Option(help="An effect counts when |effect| >= threshold * F(M).")] = 0.01,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the ioi.json and report.html of an "
                                             "earlier run in OUT.")] = False,
-    device: Device = "cpu", dtype: DType = "float32",
+    device: Device = "cpu", dtype: DType = "float32", workers: Workers = 0, ray_address: RayAddress = None,
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
-    evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done)."""
+    evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done).
+    With --workers, its path-patching sweeps run on the workers."""
     from mechscope.studies.ioi import Settings, run_ioi
 
     with _clear_errors():
         _check_n(n)
+        _check_workers(workers, ray_address)
         settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
         files = _study_outputs(out, "ioi.json", overwrite)
         m = _load(model, device, dtype)
-        result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        with _cluster(model, workers, ray_address, device, dtype) as cluster:
+            result = run_ioi(m, settings, progress=True, log=lambda text: console.print(f"[dim]{text}[/dim]"),
+                             cluster=cluster)
         _write_study(out, files, result)
     _print_circuit(result)
     console.print(f"wrote {files[0]} and {files[1]} ({result['seconds']:.0f} s)")
@@ -247,10 +262,11 @@ def discover_command(
     eval_prompts: Annotated[Optional[Path], typer.Option(help="JSONL of fresh prompts to evaluate the circuit on "
                                                          "(default with --task: as many fresh prompts).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier run in OUT.")] = False,
-    device: Device = "cpu", dtype: DType = "float32",
+    device: Device = "cpu", dtype: DType = "float32", workers: Workers = 0, ray_address: RayAddress = None,
 ) -> None:
     """Circuit discovery on edges (EAP, EAP-IG, ACDC): score every edge, choose a circuit, measure its
-    faithfulness; writes OUT/discover.json, OUT/scores.json (every edge) and OUT/report.html."""
+    faithfulness; writes OUT/discover.json, OUT/scores.json (every edge) and OUT/report.html. With
+    --workers, the edges are scored on the workers (not ACDC, nor mean ablation)."""
     from mechscope.discovery import METHODS
     from mechscope.discovery.edges import check_ablation
     from mechscope.discovery.run import run_discovery
@@ -274,6 +290,7 @@ def discover_command(
             raise InputError("--method acdc needs --threshold T (T >= 0, e.g. 0.01)")
         if eval_prompts is not None and not eval_prompts.is_file():
             raise InputError(f"--eval-prompts {eval_prompts} is not a file; give a JSONL file of prompts")
+        _check_workers(workers, ray_address, method=method, ablation=ablation)
         files = folder_outputs(out, ["discover.json", "scores.json", "report.html"], overwrite,
                                inputs=[f for f in (prompts, eval_prompts) if f is not None])
         m = _load(model, device, dtype)
@@ -282,9 +299,10 @@ def discover_command(
             eval_batch = ContrastiveBatch.from_jsonl(m, eval_prompts)
         else:
             eval_batch = ContrastiveBatch.from_records(m, ioi(n, seed=seed + 1000, model=m)) if task else None
-        record, scores = run_discovery(m, batch, method=method, steps=steps, threshold=threshold, edges=edges,
-                                       ablation=ablation, metric=metric, eval_batch=eval_batch, progress=True,
-                                       log=lambda text: console.print(f"[dim]{text}[/dim]"))
+        with _cluster(model, workers, ray_address, device, dtype) as cluster:
+            record, scores = run_discovery(m, batch, method=method, steps=steps, threshold=threshold, edges=edges,
+                                           ablation=ablation, metric=metric, eval_batch=eval_batch, progress=True,
+                                           log=lambda text: console.print(f"[dim]{text}[/dim]"), cluster=cluster)
         write_folder(out, {files[0]: write_json(record, indent=1), files[1]: scores.to_json(), files[2]: render(record)})
     fe = record["faithfulness_eval"]
     console.print(f"circuit: {record['n_circuit_edges']} of {record['n_edges_total']} edges "
@@ -488,6 +506,40 @@ def _load(spec: str, device: str = "cpu", dtype: str = "float32"):
     from mechscope import load_model
 
     return load_model(spec, device=device, dtype=dtype, progress=True)
+
+
+def _check_workers(workers: int, address: str | None, **kwargs) -> None:
+    """--workers and --ray-address, and whether the work splits, before any model loads."""
+    from mechscope.errors import InputError
+
+    if workers < 0:
+        raise InputError(f"--workers must be 0 (this process) or a number of Ray workers, not {workers}")
+    if address is not None and not workers:
+        raise InputError("--ray-address needs --workers N (how many workers to start on that cluster)")
+    if workers:
+        from mechscope.distributed.shards import check_shardable
+
+        check_shardable(kwargs)
+
+
+@contextmanager
+def _cluster(spec: str, workers: int, address: str | None, device: str, dtype: str):
+    """Ray workers that each load the model (None without --workers)."""
+    if not workers:
+        yield None
+        return
+    from mechscope.distributed import Cluster
+
+    console.print(f"starting {workers} Ray workers" + (f" on {address}" if address else ""))
+    with Cluster(spec, workers=workers, address=address, device=device, dtype=dtype) as cluster:
+        yield cluster
+
+
+def _run(model, cluster, technique, batch, **kwargs):
+    """`technique` on this process's model, or spread over the cluster's workers (same numbers)."""
+    if cluster is not None:
+        return cluster.run(technique, batch, **kwargs)
+    return technique(model, batch, **kwargs)
 
 
 def _batch(model, prompts: Path | None, task: str | None, n: int, seed: int):

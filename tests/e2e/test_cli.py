@@ -272,3 +272,38 @@ def test_device_and_dtype_options(model_dir, tmp_path):
     assert json.loads(out.read_text())["n_prompts"] == 1
     for command in ("attribute", "ioi", "discover", "positions", "demo"):
         assert "--device" in runner.invoke(app, [command, "--help"], terminal_width=200).output, command
+
+
+def test_workers_write_the_numbers_of_one_process(model_dir, tmp_path):
+    """patch --workers 2: a local Ray cluster, each worker loading the model; the JSON has the same
+    numbers as one process (float64: exact patching agrees to rounding)."""
+    pytest.importorskip("ray")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"clean": "the cat sat", "corrupt": "the rat sat", "answer": "a", "wrong": "b"},
+        {"clean": "a dog ran far", "corrupt": "a fox ran off", "answer": "c", "wrong": "d"},
+        {"clean": "my fox hid", "corrupt": "my cat hid", "answer": "e", "wrong": "f"},
+    ]))
+    base = ["patch", "--model", str(model_dir), "--prompts", str(prompts), "--site", "head_z", "--dtype", "float64"]
+    results = []
+    for name, extra in (("one", []), ("many", ["--workers", "2"])):
+        done = runner.invoke(app, base + ["--out", str(tmp_path / f"{name}.json")] + extra)
+        assert done.exit_code == 0, done.output
+        results.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    one, many = results
+    assert many["extra"]["workers"] == 2 and many["n_prompts"] == one["n_prompts"] == 3
+    assert many["labels"] == one["labels"] and many["dtype"] == one["dtype"] == "float64"
+    assert max(abs(a - b) for x, y in zip(one["values"], many["values"]) for a, b in zip(x, y)) < 1e-12
+
+
+def test_worker_options_are_checked_before_any_model_loads(tmp_path):
+    out = tmp_path / "r.json"
+    base = ["--model", "never-loaded", "--task", "ioi"]
+    done = runner.invoke(app, ["patch", *base, "--site", "head_z", "--out", str(out), "--ray-address", "auto"])
+    assert done.exit_code == 1 and "--ray-address needs --workers N" in done.output
+    done = runner.invoke(app, ["patch", *base, "--site", "head_z", "--out", str(out), "--workers", "-1"])
+    assert done.exit_code == 1 and "--workers must be 0" in done.output
+    done = runner.invoke(app, ["discover", *base, "--out", str(tmp_path / "d"), "--method", "acdc",
+                               "--threshold", "0.1", "--workers", "2"])
+    assert done.exit_code == 1 and "ACDC cannot be split over workers" in done.output
+    assert not out.exists() and not (tmp_path / "d").exists()

@@ -1,6 +1,6 @@
 """Ray workers give the numbers of one process: a local cluster of 2 workers, each loading a tiny
-float64 grouped-query model from a directory (as a user's spec would), against the same technique
-run once on the whole batch.
+float64 grouped-query model (one token per word) from a directory, as a user's spec would, against
+the same technique run once on the whole batch of IOI prompts of mixed lengths.
 
 Tolerance 1e-6, the issue's: exact patching agrees to ~1e-16; gradient techniques to ~1e-7,
 because Hugging Face's RMSNorm computes in float32 even in a float64 model, and the backward of a
@@ -16,26 +16,26 @@ import sys
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_hf
+from conftest import ioi_model, word_tokenizer
 from mechscope import load_model
 from mechscope.discovery import discover
 from mechscope.errors import DistributedError, InputError
 from mechscope.patching import activation_patch, attribution_patch, path_patch
-from mechscope.tasks import ContrastiveBatch
+from mechscope.studies import Settings, run_ioi
+from mechscope.tasks import ContrastiveBatch, ioi
+from mechscope.tasks.ioi import name_positions
 
 ray = pytest.importorskip("ray")
 from mechscope.distributed import Cluster, run  # noqa: E402
 
 TOL = 1e-6
-CLEAN = ["the cat sat", "a dog ran far", "my fox hid", "one owl flew off", "the rat ate", "a bee hums now", "we go"]
-CORRUPT = ["the rat sat", "a fox ran off", "my cat hid", "one bat flew onn", "the cat ate", "a cow hums now", "we do"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama-gqa")
-    tiny_hf("llama-gqa").save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    ioi_model("llama-gqa", layers=6).hf.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder
 
 
@@ -46,8 +46,10 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def batch(model):
-    """7 prompts of mixed lengths: 4 shards of 1 or 2 prompts."""
-    return ContrastiveBatch.from_pairs(model, CLEAN, CORRUPT, list("abcdefg"), list("hijklmn"))
+    """7 IOI prompts of mixed lengths: 4 shards of 1 or 2 prompts."""
+    batch = ContrastiveBatch.from_records(model, ioi(7, seed=0, model=model))
+    assert not batch.equal_lengths
+    return batch
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +77,23 @@ def test_exact_patching_equals_one_process(cluster, model, batch, site, per_posi
 
 def test_path_patching_with_positions_per_prompt(cluster, model, batch):
     """`at` has one position per prompt: each shard gets its own prompts' positions."""
-    at = batch.read_pos - 1
-    one = path_patch(model, batch, receivers=[(1, 0)], receiver_input="v", at=at)
-    many = cluster.run(path_patch, batch, receivers=[(1, 0)], receiver_input="v", at=at, shards=3)
+    at = name_positions(batch)["S2"]
+    one = path_patch(model, batch, receivers=[(5, 0)], receiver_input="v", at=at)
+    many = cluster.run(path_patch, batch, receivers=[(5, 0)], receiver_input="v", at=at, shards=3)
     assert_same(one, many)
+
+
+def test_the_ioi_study_finds_the_same_circuit(cluster, model):
+    """Its path-patching sweeps on the workers: the same effects, so the same circuit."""
+    loose = Settings(n=8, n_path=5, threshold=0.0, attention_min=0.0, copy_min=0.0, detector_min=0.0,
+                     reference_per_template=2, max_per_class=2)  # every class filled on a random model
+    one, many = run_ioi(model, loose), run_ioi(model, loose, cluster=cluster)
+    assert many["circuit"] == one["circuit"] and many["edges"] == one["edges"]
+    paths = [k for k in one["intermediate"] if k.startswith("path_to_")]
+    assert len(paths) == 3, paths  # every sweep ran: each class was filled
+    for key in paths:
+        torch.testing.assert_close(torch.tensor(many["intermediate"][key]["values"]),
+                                   torch.tensor(one["intermediate"][key]["values"]), rtol=0, atol=TOL)
 
 
 def test_attribution_and_graddrop_equal_one_process(cluster, model, batch):
@@ -94,8 +109,11 @@ def test_attribution_and_graddrop_equal_one_process(cluster, model, batch):
 
 @pytest.mark.parametrize("method", ["eap-ig", "exact"])
 def test_edge_scores_equal_one_process(cluster, model, batch, method):
-    one = discover(model, batch, method=method, ablation="zero" if method == "exact" else "corrupt")
-    many = cluster.run(discover, batch, method=method, ablation=one.ablation)
+    from mechscope.discovery import Graph
+
+    graph = Graph.from_model(model, layers=[-2, -1] if method == "exact" else None)  # exact: one run per edge
+    one = discover(model, batch, method=method, graph=graph, ablation="zero" if method == "exact" else "corrupt")
+    many = cluster.run(discover, batch, method=method, graph=graph, ablation=one.ablation)
     assert_same(one, many)
     for key in ("clean_metric", "empty_metric"):
         assert many.extra[key] == pytest.approx(one.extra[key], abs=TOL)

@@ -29,16 +29,22 @@ TOP_EDGES = 300  # edges listed with their scores in discover.json (all of them 
 def run_discovery(model: HookedModel, batch: ContrastiveBatch, *, method: str = "eap-ig", steps: int = 5,
                   threshold: float | None = None, edges: int | None = None, ablation: str = "corrupt",
                   metric: str = "logit_diff", eval_batch: ContrastiveBatch | None = None, target: float = 0.8,
-                  progress: bool = False, log: Callable[[str], None] = lambda text: None) -> tuple[dict, EdgeScores]:
-    """(the discover.json record, the EdgeScores of every edge)."""
+                  progress: bool = False, log: Callable[[str], None] = lambda text: None,
+                  cluster=None) -> tuple[dict, EdgeScores]:
+    """(the discover.json record, the EdgeScores of every edge). A `mechscope.distributed.Cluster`
+    scores the edges on its workers (the same scores); the rest runs here."""
     start = time.perf_counter()
     graph = Graph.from_model(model)
     log(f"{graph}")
     forward = _plain_forward_seconds(model, batch)
     t = time.perf_counter()
     ev = Evaluator(model, batch, graph, ablation=ablation, metric=metric)  # the clean and ablated runs, recorded
-    scores = discover(model, batch, method=method, graph=graph, metric=metric, ablation=ablation, steps=steps,
-                      threshold=threshold, progress=progress, evaluator=ev)
+    if cluster is None:
+        scores = discover(model, batch, method=method, graph=graph, metric=metric, ablation=ablation, steps=steps,
+                          threshold=threshold, progress=progress, evaluator=ev)
+    else:
+        scores = cluster.run(discover, batch, method=method, graph=graph, metric=metric, ablation=ablation,
+                             steps=steps, threshold=threshold, progress=progress)
     method_seconds = time.perf_counter() - t
     log(f"{method}: {method_seconds:.1f} s, recording included ({method_seconds / forward:.1f} plain forwards)")
     t = time.perf_counter()
@@ -70,7 +76,7 @@ def run_discovery(model: HookedModel, batch: ContrastiveBatch, *, method: str = 
         "node_scores": scores.node_scores(), "n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
         "n_kv_heads": model.cfg.n_kv_heads,
         "forward_seconds": forward, "method_seconds": method_seconds,
-        "forward_equivalents": method_seconds / forward,
+        "forward_equivalents": method_seconds / forward, "workers": 0 if cluster is None else cluster.workers,
     }
     if eval_batch is not None:
         fresh = Evaluator(model, eval_batch, graph, ablation=ablation, metric=metric).evaluate(circuit)

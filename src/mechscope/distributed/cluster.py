@@ -83,6 +83,7 @@ class Cluster:
                          include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, ValueError) as err:
                 raise DistributedError(f"cannot join the Ray cluster at {address}: {err}") from None
+        _check_resources(ray, workers, cpus_per_worker, gpus_per_worker, self._owns_ray)
         self._actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Worker)
         self._actors: list = []
         self.pids: list[int] = []  # each worker's process id, in order (a replaced worker's is replaced)
@@ -178,6 +179,18 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_resources(ray, workers: int, cpus: int, gpus: float, owned: bool) -> None:
+    """Workers that Ray cannot place would wait for ever: say so instead (e.g. a second Cluster in a
+    process whose Ray instance the first one fills)."""
+    free = ray.available_resources()
+    for what, each in (("CPU", cpus), ("GPU", gpus)):
+        if each and free.get(what, 0) < workers * each:
+            if owned:
+                ray.shutdown()
+            raise DistributedError(f"{workers} workers need {workers * each:g} {what}s and Ray has {free.get(what, 0):g} "
+                                   f"free; use fewer workers, or close the other Cluster of this process first")
 
 
 def _check_address(address: str) -> None:

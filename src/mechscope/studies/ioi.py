@@ -92,10 +92,12 @@ def is_gpt2_small(model: HookedModel) -> bool:
 
 @technique
 def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bool = False,
-            log: Callable[[str], None] = lambda text: None, stop_after: str | None = None) -> dict:
+            log: Callable[[str], None] = lambda text: None, stop_after: str | None = None, cluster=None) -> dict:
     """Run the study; returns what `mechscope ioi` writes to ioi.json. `stop_after="S-inhibition"`
     ends after step 3 and returns only {"model", "circuit" (found so far), "tau", "logit_diff",
-    "seconds", "step_seconds", "partial"}: what a study that needs the S-inhibition heads needs."""
+    "seconds", "step_seconds", "partial"}: what a study that needs the S-inhibition heads needs.
+    A `mechscope.distributed.Cluster` runs the path-patching sweeps of steps 3 to 5 on its workers
+    (the same effects; each worker records its own shard's runs)."""
     if stop_after not in (None, "S-inhibition"):
         raise InputError(f"stop_after is None or 'S-inhibition', not {stop_after!r}")
     s = settings
@@ -168,7 +170,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     movers = circuit["name_mover"]
 
     path_positions = name_positions(path_batch) if s.receiver_positions == "paper" else None
-    runs = record_runs(model, path_batch)  # the clean and ABC runs every path-patching step reads
+    # the clean and ABC runs every path-patching step reads (on a cluster, each worker its own)
+    runs = record_runs(model, path_batch) if cluster is None else None
 
     def senders_into(heads: list[Head], receiver_input: str, where: str, key: str) -> list[tuple[Head, float]]:
         """Senders whose path effect through the inputs of `heads` at `where` is <= -tau."""
@@ -178,8 +181,13 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         at = _at(where, path_positions)
         names = ", ".join(_receiver_name(model, r, receiver_input) for r in receivers)
         log(f"path patching into the {receiver_input} of {names}")
-        result = keep(path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
-                                 progress=progress, runs=runs), key)
+        if cluster is None:
+            result = path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
+                                progress=progress, runs=runs)
+        else:
+            result = cluster.run(path_patch, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
+                                 progress=progress)
+        keep(result, key)
         found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
                  for h in range(model.cfg.n_heads) if result.values[l, h] <= -tau]
         return sorted(found, key=lambda x: x[1])
