@@ -30,12 +30,17 @@ NamesFilter = str | Iterable[str] | Callable[[str], bool] | None
 def technique(fn):
     """Marks a function of (model, ...) that runs the model its own way: it refuses a model with
     hooks added by `add_hook`, before any work (hooks in a `with model.hooks(...)` block are the
-    caller's explicit choice and stay)."""
+    caller's explicit choice and stay). A Result it returns (or a dict of them) says the dtype the
+    model computed in, `extra["model_dtype"]` (the values themselves are at least float32)."""
 
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
         model.require_no_added_hooks(fn.__name__)
-        return fn(model, *args, **kwargs)
+        out = fn(model, *args, **kwargs)
+        for result in (out.values() if isinstance(out, dict) else [out]):
+            if isinstance(getattr(result, "extra", None), dict) and hasattr(result, "technique"):
+                result.extra.setdefault("model_dtype", str(model.dtype).removeprefix("torch."))
+        return out
 
     return run
 

@@ -26,18 +26,29 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = False,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> HookedModel:
     """Load and wrap a causal LM.
 
     spec: a zoo alias (`mechscope models list`: smollm2-135m, gemma3-270m, gpt2), a local Hugging
     Face directory, a path to a .gguf file, or a hub id. `device="auto"` spreads the model over the
-    GPUs it finds (accelerate's device_map).
+    GPUs it finds, then the CPU, then disk (accelerate's device_map): `max_memory` ({0: "20GiB",
+    "cpu": "30GiB"}) caps each, and what does not fit goes to `offload_folder`, read back layer by
+    layer as the model runs.
     """
     kwargs = {"dtype": _dtype(dtype)}
     if str(device) == "auto":
         kwargs["device_map"] = "auto"
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     else:
         _check_device(device)
+        if max_memory is not None or offload_folder is not None:
+            raise InputError(f"max_memory and offload_folder place a model over devices: they need device='auto', "
+                             f"not {str(device)!r}")
     name = spec = str(spec)
     if spec in zoo.ZOO:  # a zoo alias is its cached directory (fetched and verified if need be) or its hub id
         spec = zoo.ZOO[spec].hub_id or str(zoo.fetch(spec, progress=progress, verify="stamp"))

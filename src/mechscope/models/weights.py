@@ -24,15 +24,15 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError, UnsupportedModelError
-from mechscope.models.adapters.base import norm_weight
+from mechscope.models.adapters.base import norm_weight, onloaded, param
 
 
 def read_affine(module, lens, d_in: int, *, what: str) -> tuple[Tensor, Tensor]:
     """(weight [d_in, *out], bias [*out]) of an affine module read through a lens: its value on the
     zero vector is the bias, on the unit vectors the weight (any layout: separate, fused, interleaved).
     Checked against the module on a random input; a module that is not affine is refused."""
-    p = next(module.parameters())
-    with torch.no_grad():
+    with torch.no_grad(), onloaded(module):  # offloaded weights: loaded for the block
+        p = next(module.parameters())
         basis = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).to(p)  # [1 + d_in, d_in]
         out = lens.get(module.forward(basis))  # [1 + d_in, *out] (forward: no hooks)
         bias, weight = out[0], out[1:] - out[0]
@@ -114,7 +114,7 @@ class Weights:
         for l in range(self.cfg.n_layers):
             norm = a.module(a.attn_norm, l)
             gains.append(norm_weight(a.norm_kind, norm).detach().to(w))
-            beta = getattr(norm, "bias", None)
+            beta = param(norm, "bias")
             shifts.append(torch.zeros_like(gains[-1]) if beta is None else beta.detach().to(w))
         g, beta = torch.stack(gains), torch.stack(shifts)  # [layer, d_model]
         return w * g[:, None, :, None], b + torch.einsum("ld,lhde->lhe", beta, w)
@@ -168,13 +168,13 @@ class Weights:
     def W_E(self) -> Tensor:
         """[d_vocab, d_model] (without Gemma's sqrt(d_model) scale, which the embedding module applies,
         nor Granite's embedding multiplier)."""
-        return self.adapter.module(self.adapter.embed).weight.detach()
+        return param(self.adapter.module(self.adapter.embed)).detach()
 
     @property
     def W_pos(self) -> Tensor:
         if self.adapter.pos_embed is None:
             raise UnsupportedModelError(f"{self.cfg.family} has no learned positions (rotary or none): no W_pos")
-        return self.adapter.module(self.adapter.pos_embed).weight.detach()
+        return param(self.adapter.module(self.adapter.pos_embed)).detach()
 
     def _mlp_layers(self) -> list[int]:
         moe = [l for l in range(self.cfg.n_layers) if self.adapter.is_moe(l)]

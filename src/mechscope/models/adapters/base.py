@@ -8,6 +8,7 @@ paths, and register it in `adapters/__init__.py`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,6 +16,29 @@ import torch
 from torch import nn
 
 from mechscope.models.lens import IN, OUT, Lens
+
+
+def param(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
+    """`module.<name>` (None if it has none), read back from accelerate's CPU or disk offload when the
+    model keeps it on the meta device between forwards (load_model(..., device="auto", max_memory=...))."""
+    value = getattr(module, name, None)
+    if value is None or value.device.type != "meta":
+        return value
+    with onloaded(module):
+        return getattr(module, name)  # the tensor read stays valid after the block
+
+
+@contextmanager
+def onloaded(module: nn.Module):
+    """A block in which an offloaded module's weights are real tensors (loaded from accelerate's
+    offload, then back to meta); nothing to do for a module whose weights are in memory."""
+    if not any(p.device.type == "meta" for p in module.parameters()):
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
+        yield module
 
 
 @dataclass(frozen=True)
@@ -130,12 +154,12 @@ class Adapter:
     def W_O(self, layer: int) -> torch.Tensor:
         """Output projection per head, [head, d_head, d_model]."""
         proj = self.module(self.out_proj, layer)
-        weight = proj.weight if _is_conv1d(proj) else proj.weight.T  # [head * d_head, d_model]
+        weight = param(proj) if _is_conv1d(proj) else param(proj).T  # [head * d_head, d_model]
         weight = weight.reshape(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
         return weight if self.residual_multiplier is None else weight * self.residual_multiplier
 
     def b_O(self, layer: int) -> torch.Tensor | None:
-        bias = self.module(self.out_proj, layer).bias
+        bias = param(self.module(self.out_proj, layer), "bias")
         return bias if bias is None or self.residual_multiplier is None else bias * self.residual_multiplier
 
     @property
@@ -165,12 +189,12 @@ class Adapter:
     @property
     def W_U(self) -> torch.Tensor:
         """Unembedding, [d_model, d_vocab] (times the logit scale, where the model has one)."""
-        w = self.unembed.weight.T
+        w = param(self.unembed).T
         return w if self.logit_scale is None else w * self.logit_scale
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        b = getattr(self.unembed, "bias", None)
+        b = param(self.unembed, "bias")
         return b if b is None or self.logit_scale is None else b * self.logit_scale
 
     # ---- per-head attention output in the residual stream -----------------------------------
@@ -256,16 +280,16 @@ def norm_weight(kind: str, norm: nn.Module) -> torch.Tensor:
     has no weight)."""
     if getattr(norm, "weight", None) is None:
         return torch.ones(norm.normalized_shape, dtype=torch.float32)
-    return 1.0 + norm.weight.float() if kind == "rmsnorm_plus_one" else norm.weight
+    return 1.0 + param(norm).float() if kind == "rmsnorm_plus_one" else param(norm)
 
 
 def norm_apply(kind: str, norm: nn.Module, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The norm's output with a given scale, written the way the family's module computes it."""
     if kind == "layernorm":
-        return (x - x.mean(-1, keepdim=True)) / scale * norm.weight + norm.bias
+        return (x - x.mean(-1, keepdim=True)) / scale * param(norm) + param(norm, "bias")
     if kind == "layernorm32":
         wide = x.float()
         return ((wide - wide.mean(-1, keepdim=True)) / scale * norm_weight(kind, norm).float()).to(x.dtype)
     if kind == "rmsnorm":
-        return norm.weight * (x.float() / scale).to(x.dtype)
+        return param(norm) * (x.float() / scale).to(x.dtype)
     return (x.float() / scale * norm_weight(kind, norm)).to(x.dtype)
