@@ -1,7 +1,9 @@
 """Every Python snippet of the README runs, in order, as a newcomer would paste them: on a tiny
 random model shaped like SmolLM2 (24 layers, 9 heads, 3 key/value heads), so that every head and
 layer the README names exists, standing in for `load_model("smollm2-135m")`. It checks that the
-code is right (imports, names, signatures), not the numbers, which the real tier checks."""
+code is right (imports, names, signatures), not the numbers, which the real tier checks. A ```py
+block starts Ray workers that load the real model, so it is shown, not run here:
+tests/parity/test_distributed.py makes the same calls."""
 
 import re
 from pathlib import Path

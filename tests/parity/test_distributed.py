@@ -163,3 +163,21 @@ def test_bad_addresses_and_missing_ray(monkeypatch, model_dir):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(DistributedError, match=r"pip install 'mechscope\[distributed\]'"):
         Cluster(model_dir, workers=2)
+
+
+def test_probe_collection_gives_the_same_rows(cluster, model, batch):
+    """Texts of mixed lengths, every real position and then chosen positions (a mask): the same rows
+    in the same order, prompts numbered in the whole set."""
+    from mechscope.probes import collect
+
+    texts = list(batch.clean_prompts)
+    sites = ["blocks.1.hook_resid_post", "blocks.3.attn.hook_z"]
+    chosen = torch.zeros(batch.clean.shape, dtype=torch.bool)
+    chosen[torch.arange(len(texts)), batch.read_pos] = True
+    chosen[2] = False  # a prompt with no row
+    for positions in (None, chosen):
+        one = collect(model, texts, sites, positions=positions)
+        many = cluster.collect(texts, sites, positions=positions, shards=3)
+        assert torch.equal(many.prompt, one.prompt) and torch.equal(many.position, one.position)
+        for site in sites:
+            torch.testing.assert_close(many[site], one[site], rtol=0, atol=TOL)

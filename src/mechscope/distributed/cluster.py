@@ -26,7 +26,7 @@ import torch
 
 from mechscope.errors import DistributedError, InputError, MechscopeError
 from mechscope.progress import progress_bar
-from mechscope.distributed.shards import check_shardable, combine, shard_kwargs, split
+from mechscope.distributed.shards import check_shardable, collect_part, combine, combine_rows, shard_kwargs, split
 
 
 def _ray():
@@ -113,6 +113,25 @@ class Cluster:
             for r in (out.values() if isinstance(out, dict) else [out]):
                 r.extra.pop("graddrop_layers", None)
         return out
+
+    def collect(self, tokens, sites, *, positions=None, shards: int | None = None, progress: bool = False, **kwargs):
+        """`probes.collect(model, tokens, sites, positions=..., **kwargs)` over the workers: the same
+        rows in the same order, with the whole set's prompt numbers, held in this process's memory
+        (one batch per shard). A positions mask becomes lists per prompt, so that each shard's
+        prompts may pad to their own width."""
+        if isinstance(tokens, str):
+            tokens = [tokens]
+        if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+            if positions.ndim != 2 or positions.shape[0] != len(tokens):
+                raise InputError(f"a positions mask must be [prompt, pos] with {len(tokens)} prompts, not "
+                                 f"{tuple(positions.shape)}")
+            positions = [row.nonzero().flatten().tolist() for row in positions]
+        if positions is not None and len(positions) != len(tokens):
+            raise InputError(f"give one list of positions per prompt: {len(tokens)} prompts, {len(positions)} lists")
+        bounds = split(tokens, self.workers * 2 if shards is None else shards)
+        parts = [(tokens[a:b], {"sites": sites, "positions": None if positions is None else positions[a:b], **kwargs})
+                 for a, b in bounds]
+        return combine_rows(self._spread(collect_part, parts, progress, "collect"), bounds)
 
     def _spread(self, technique, parts: list, progress: bool, name: str) -> list:
         """Each part to the next idle worker; a dead worker replaced and its part run again."""

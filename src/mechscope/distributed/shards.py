@@ -7,7 +7,8 @@ gives on the whole batch the mean of its shards' results weighted by their promp
 
 That holds for the effects of exact, attribution and path patching, their clean and corrupt
 baselines, AtP*'s per-layer GradDrop estimates (GradDrop itself, a sum of their magnitudes, is
-formed again from the combined ones), and EAP, EAP-IG and exact edge scores. It does not hold for
+formed again from the combined ones), and EAP, EAP-IG and exact edge scores. Probe activations are
+rows, not means: the shards' rows are concatenated in order, prompts renumbered in the whole set. It does not hold for
 what depends on every prompt at once: mean ablation (the mean is the batch's), ACDC (each removal
 is decided on the whole batch), a recorded `PathRuns` or `Evaluator`; those are refused before any
 work.
@@ -45,8 +46,9 @@ def check_shardable(kwargs: dict) -> None:
                          "use ablation='corrupt' or 'zero', or run it in one process")
 
 
-def split(batch: ContrastiveBatch, shards: int) -> list[tuple[int, int]]:
-    """(start, stop) of `shards` contiguous parts of the batch, sizes differing by at most one."""
+def split(batch, shards: int) -> list[tuple[int, int]]:
+    """(start, stop) of `shards` contiguous parts of a batch (or any sequence of prompts), sizes
+    differing by at most one."""
     if not isinstance(shards, int) or shards < 1:
         raise InputError(f"shards must be a positive integer, not {shards!r}")
     shards = min(shards, len(batch))
@@ -94,3 +96,34 @@ def combine(results: list, sizes: list[int], batch: ContrastiveBatch, seconds: f
         fields["clean_metric"] = float(mean([r.clean_metric for r in results]))
         fields["corrupt_metric"] = float(mean([r.corrupt_metric for r in results]))
     return dataclasses.replace(first, **fields)
+
+
+def collect_part(model, tokens, *, sites, positions=None, **kwargs) -> dict:
+    """probes.collect on one shard of prompts, its rows returned as plain tensors (a worker's
+    temporary shards on disk would not reach the caller)."""
+    from mechscope.probes.collect import collect
+
+    if positions is not None and not any(len(p) for p in positions):  # no row chosen in this shard
+        return {"values": {}, "prompt": torch.zeros(0, dtype=torch.long), "position": torch.zeros(0, dtype=torch.long),
+                "shapes": {}, "sites": None}
+    acts = collect(model, tokens, sites, positions=positions, **kwargs)
+    try:
+        return {"values": {s: acts[s] for s in acts.sites}, "prompt": acts.prompt, "position": acts.position,
+                "shapes": acts.shapes, "sites": acts.sites}
+    finally:
+        acts.close()
+
+
+def combine_rows(parts: list[dict], bounds: list[tuple[int, int]]):
+    """The Activations of the whole prompt set from its shards' rows: the same rows in the same order
+    (prompt, then position), prompts numbered in the whole set."""
+    from mechscope.probes.collect import Activations
+
+    full = [p for p in parts if p["sites"] is not None]
+    if not full:
+        raise InputError("no positions chosen: every prompt's list is empty")
+    sites, shapes = full[0]["sites"], full[0]["shapes"]
+    memory = {s: [p["values"][s] for p in full] for s in sites}
+    prompt = torch.cat([p["prompt"] + start for p, (start, _) in zip(parts, bounds)])
+    position = torch.cat([p["position"] for p in parts])
+    return Activations(sites, prompt, position, shapes, memory, None)
