@@ -1,12 +1,12 @@
 """Beyond one process, measured in one run:
 
-1. attribution patching (AtP) and exact patching (head_z) over a large IOI set, in one process and
-   on N Ray workers that each load the model (mechscope.distributed): wall time of each, the
-   speed-up, and the largest difference between their values;
+1. attribution patching (AtP, head_z) and exact patching (resid_pre, every layer) over an IOI set,
+   in one process and on N Ray workers that each load the model (mechscope.distributed): wall time
+   of each, the speed-up, and the largest difference between their values;
 2. the peak memory of a process that loads the model and runs one forward, plain and with a device
    map that offloads half its layers to disk (accelerate), and the largest logit difference.
 
-    .venv/bin/python benchmarks/scale.py [--model smollm2-135m] [--n 128] [--workers 2]
+    .venv/bin/python benchmarks/scale.py [--model smollm2-135m] [--n 64] [--workers 2]
 
 The worker rows include starting Ray and loading the model in every worker (a Cluster that is kept
 pays that once). On a machine of C cores, one process uses C threads and each of N workers C / N:
@@ -39,7 +39,7 @@ def technique_rows(args) -> list[tuple]:
     batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=0, model=model))
     work = {
         "AtP, head_z": lambda run: run(attribution_patch, batch, sites=["head_z"])["head_z"],
-        "exact patching, head_z": lambda run: run(activation_patch, batch, site="head_z"),
+        "exact patching, resid_pre": lambda run: run(activation_patch, batch, site="resid_pre"),
     }
     here = {}
     for name, fn in work.items():
@@ -73,8 +73,16 @@ def memory_probe(model_spec: str, offload: bool) -> dict:
     with torch.no_grad():
         logits = model(tokens)[0, -1]
     on_disk = sum(1 for v in getattr(model.hf, "hf_device_map", {}).values() if v == "disk")
-    return {"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "on_disk": on_disk,
-            "logits": logits.tolist()}
+    return {"peak_gb": _peak_rss_gb(), "on_disk": on_disk, "logits": logits.tolist()}
+
+
+def _peak_rss_gb() -> float:
+    """This process's peak RSS (VmHWM): ru_maxrss would carry the parent's peak over fork and exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # not Linux
 
 
 def _first_half_bytes(model_spec: str) -> int:
@@ -107,7 +115,7 @@ def memory_rows(args) -> list[tuple]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--n", type=int, default=128, help="IOI prompts")
+    p.add_argument("--n", type=int, default=64, help="IOI prompts")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--probe", choices=["plain", "offload"], help=argparse.SUPPRESS)
     args = p.parse_args()
