@@ -94,6 +94,14 @@ def ioi_model(name: str, seed: int = 0, layers: int | None = None) -> HookedMode
     return HookedModel(hf, tokenizer)
 
 
+def saved_ioi_model(folder, layers: int):
+    """`ioi_model("llama-gqa", layers=...)` saved with its tokenizer into `folder`, for what loads a
+    model by spec (Ray workers, accelerate's device maps); returns the folder."""
+    ioi_model("llama-gqa", layers=layers).hf.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def bpe_word_model() -> HookedModel:
     """A tiny Llama (grouped-query) with a byte-level BPE trained here: IOI's words and half the
     positional study's words are frequent enough to become one token; the other study words are seen

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ioi_model, word_tokenizer
+from conftest import saved_ioi_model
 from mechscope import load_model
 from mechscope.analysis.dla import direct_logit_attribution
 from mechscope.discovery import discover
@@ -30,10 +30,7 @@ TECHNIQUES = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama-gqa")
-    ioi_model("llama-gqa", layers=4).hf.save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+    return saved_ioi_model(tmp_path_factory.mktemp("llama-gqa"), layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ioi_model, word_tokenizer
+from conftest import saved_ioi_model
 from mechscope import load_model
 from mechscope.discovery import discover
 from mechscope.errors import DistributedError, InputError
@@ -33,10 +33,7 @@ TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama-gqa")
-    ioi_model("llama-gqa", layers=6).hf.save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+    return saved_ioi_model(tmp_path_factory.mktemp("llama-gqa"), layers=6)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +86,9 @@ def test_the_ioi_study_finds_the_same_circuit(cluster, model):
                      reference_per_template=2, max_per_class=2)  # every class filled on a random model
     one, many = run_ioi(model, loose), run_ioi(model, loose, cluster=cluster)
     assert many["circuit"] == one["circuit"] and many["edges"] == one["edges"]
+    for key in ("logit_diff", "circuit_logit_diff", "faithfulness"):  # the knockouts ran on the workers too
+        assert many[key] == pytest.approx(one[key], abs=TOL)
+    assert many["completeness"]["removed"] == one["completeness"]["removed"]
     paths = [k for k in one["intermediate"] if k.startswith("path_to_")]
     assert len(paths) == 3, paths  # every sweep ran: each class was filled
     for key in paths:
@@ -181,3 +181,26 @@ def test_probe_collection_gives_the_same_rows(cluster, model, batch):
         assert torch.equal(many.prompt, one.prompt) and torch.equal(many.position, one.position)
         for site in sites:
             torch.testing.assert_close(many[site], one[site], rtol=0, atol=TOL)
+
+
+def test_knockouts_equal_one_process_and_survive_a_dead_worker(cluster, model, batch):
+    """Each worker keeps its shard's Knockouts; a killed worker's shard is rebuilt and its
+    remembered runs replayed."""
+    from mechscope.analysis.circuit import Knockouts, completeness, minimality
+
+    # No reference: each template's mean over the batch's own corrupt prompts, the whole batch's on every shard
+    one, many = Knockouts(model, batch), cluster.knockouts(batch)
+    assert many.model_logit_diff == pytest.approx(one.model_logit_diff, abs=TOL) and many.heads == one.heads
+    for name in one.means:
+        torch.testing.assert_close(many.means[name], one.means[name], rtol=0, atol=TOL)
+    classes = {"early": [(0, 1), (1, 2)], "late": [(4, 0), (5, 3)]}
+    keeps = [{(0, 1), (4, 0)}, one.heads - {(5, 3)}, set()]
+    assert many.logit_diffs(keeps) == pytest.approx(one.logit_diffs(keeps), abs=TOL)
+    many.remember({(0, 1), (1, 2), (4, 0), (5, 3)})
+    dead = cluster.pids[1]
+    os.kill(dead, signal.SIGKILL)  # the second shard's worker, with its remembered run
+    c1, c2 = completeness(model, batch, classes, knockouts=many), completeness(model, batch, classes, knockouts=one)
+    assert c1.removed == c2.removed and c1.gap == pytest.approx(c2.gap, abs=TOL)
+    assert dead not in cluster.pids  # it was replaced (its remembered runs replayed: they save time, not change values)
+    m1, m2 = minimality(model, batch, classes, knockouts=many), minimality(model, batch, classes, knockouts=one)
+    assert m1.keys() == m2.keys() and all(m1[h]["score"] == pytest.approx(m2[h]["score"], abs=TOL) for h in m1)

@@ -44,10 +44,20 @@ class _Worker:
     def load(self, load: Callable, threads: int) -> int:
         torch.set_num_threads(threads)
         self.model = load()
+        self.objects: dict = {}  # what a worker keeps between calls (a shard's Knockouts), by key
         return os.getpid()
 
     def run(self, technique: Callable, batch, kwargs: dict):
         return technique(self.model, batch, **kwargs)
+
+    def keep(self, key: str, factory: Callable, args: tuple, kwargs: dict) -> None:
+        self.objects[key] = factory(self.model, *args, **kwargs)
+
+    def attribute(self, key: str, name: str):
+        return getattr(self.objects[key], name)
+
+    def call(self, key: str, method: str, *args):
+        return getattr(self.objects[key], method)(*args)
 
 
 class Cluster:
@@ -69,7 +79,7 @@ class Cluster:
         if not (callable(model) or isinstance(model, (str, os.PathLike))):
             raise InputError(f"model must be a spec for load_model (alias, directory, .gguf, hub id) or a function "
                              f"returning a HookedModel, not {type(model).__name__}")
-        ray = _ray()
+        self.ray = ray = _ray()
         if address is not None:
             _check_address(address)
         from mechscope.models.load import load_model
@@ -132,6 +142,14 @@ class Cluster:
         parts = [(tokens[a:b], {"sites": sites, "positions": None if positions is None else positions[a:b], **kwargs})
                  for a, b in bounds]
         return combine_rows(self._spread(collect_part, parts, progress, "collect"), bounds)
+
+    def knockouts(self, batch, *, reference=None):
+        """`analysis.circuit.Knockouts(model, batch, reference=...)` over the workers, each keeping its
+        shard's (see distributed/knockouts.py): pass it as `knockouts=` to faithfulness, completeness
+        and minimality. The same logit differences as one process."""
+        from mechscope.distributed.knockouts import ShardedKnockouts
+
+        return ShardedKnockouts(self, batch, reference=reference)
 
     def _spread(self, technique, parts: list, progress: bool, name: str) -> list:
         """Each part to the next idle worker; a dead worker replaced and its part run again."""

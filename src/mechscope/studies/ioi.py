@@ -96,8 +96,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     """Run the study; returns what `mechscope ioi` writes to ioi.json. `stop_after="S-inhibition"`
     ends after step 3 and returns only {"model", "circuit" (found so far), "tau", "logit_diff",
     "seconds", "step_seconds", "partial"}: what a study that needs the S-inhibition heads needs.
-    A `mechscope.distributed.Cluster` runs the path-patching sweeps of steps 3 to 5 on its workers
-    (the same effects; each worker records its own shard's runs)."""
+    A `mechscope.distributed.Cluster` runs the path-patching sweeps of steps 3 to 5 and the knockouts
+    (F(M), step 7) on its workers (the same numbers; each worker records its own shard's runs)."""
     if stop_after not in (None, "S-inhibition"):
         raise InputError(f"stop_after is None or 'S-inhibition', not {stop_after!r}")
     s = settings
@@ -135,7 +135,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     reference = ContrastiveBatch.from_records(model, [
         r for i, t in enumerate(templates)
         for r in ioi(s.reference_per_template, seed=s.seed + 1000 + i, model=model, templates=[t])])
-    knockouts = Knockouts(model, batch, reference=reference, progress=progress)
+    knockouts = (Knockouts(model, batch, reference=reference, progress=progress) if cluster is None
+                 else cluster.knockouts(batch, reference=reference))
     f_model = knockouts.model_logit_diff
     tau = s.threshold * max(abs(f_model), 1e-3)
     log(f"F(M) = {f_model:.3f} on {len(batch)} prompts; tau = {tau:.3f}")
