@@ -134,3 +134,53 @@ def test_edge_discovery_matches_the_cpu(family):
     ca, cb = Evaluator(cpu, tiny_batch(cpu), graph), Evaluator(gpu, tiny_batch(gpu), graph)
     scores = discover(cpu, tiny_batch(cpu), method="eap")
     close(cb.curve(scores, sizes=[1, 10, 40])["faithfulness"], ca.curve(scores, sizes=[1, 10, 40])["faithfulness"], tol)
+
+
+def test_a_model_split_over_the_gpu_and_the_cpu_matches_the_cpu(tmp_path):
+    """accelerate's device map, the first layers on the GPU and the rest on the CPU (dry run: the
+    rest on disk): every technique's tensors cross devices between layers, and hooks write where
+    the module that reads them lives."""
+    from conftest import saved_ioi_model
+    from mechscope import load_model
+    from mechscope.analysis.dla import direct_logit_attribution
+    from mechscope.discovery import discover
+    from mechscope.patching import activation_patch, attribution_patch, path_patch
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    folder = saved_ioi_model(tmp_path / "m", layers=4)
+    cpu = load_model(folder, dtype="float64")
+    size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731
+    cap = size(cpu.hf.model.embed_tokens) + 3 * size(cpu.hf.model.layers[0])  # the embedding and two layers
+    memory = {0: cap, "cpu": 2**34} if DEVICE == "cuda" else {"cpu": cap}
+    split = load_model(folder, dtype="float64", device="auto", max_memory=memory, offload_folder=tmp_path / "off")
+    assert len(set(split.hf.hf_device_map.values())) >= 2, split.hf.hf_device_map
+    batch = ContrastiveBatch.from_records(cpu, ioi(5, seed=0, model=cpu))
+    tol = device_tol(cpu)
+    a, ca = cpu.run_with_cache(batch.clean)
+    b, cb = split.run_with_cache(batch.clean)
+    close(b, a, tol)
+    for name in ca.keys():
+        close(cb[name], ca[name], tol)
+    with torch.enable_grad():
+        for fn in (lambda m: activation_patch(m, batch, site="head_z", per_position=True),
+                   lambda m: attribution_patch(m, batch, sites=["head_k"], method="atp*")["head_k"],
+                   lambda m: path_patch(m, batch), lambda m: direct_logit_attribution(m, batch),
+                   lambda m: discover(m, batch, method="eap-ig")):
+            close(fn(split).values, fn(cpu).values, tol)
+
+
+def test_a_ray_worker_on_the_gpu_matches_the_cpu(tmp_path):
+    """mechscope.distributed with gpus_per_worker=1: the worker loads the model on its GPU."""
+    pytest.importorskip("ray")
+    from conftest import saved_ioi_model
+    from mechscope import load_model
+    from mechscope.distributed import Cluster
+    from mechscope.patching import activation_patch
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    folder = saved_ioi_model(tmp_path / "m", layers=4)
+    cpu = load_model(folder, dtype="float64")
+    batch = ContrastiveBatch.from_records(cpu, ioi(6, seed=0, model=cpu))
+    with Cluster(folder, workers=1, dtype="float64", device=DEVICE, gpus_per_worker=int(DEVICE == "cuda")) as cluster:
+        result = cluster.run(activation_patch, batch, site="head_z", shards=2)
+    close(result.values, activation_patch(cpu, batch, site="head_z").values, device_tol(cpu))

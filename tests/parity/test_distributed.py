@@ -204,3 +204,14 @@ def test_knockouts_equal_one_process_and_survive_a_dead_worker(cluster, model, b
     assert dead not in cluster.pids  # it was replaced (its remembered runs replayed: they save time, not change values)
     m1, m2 = minimality(model, batch, classes, knockouts=many), minimality(model, batch, classes, knockouts=one)
     assert m1.keys() == m2.keys() and all(m1[h]["score"] == pytest.approx(m2[h]["score"], abs=TOL) for h in m1)
+
+
+def test_a_second_driver_joins_by_address(cluster, model_dir):
+    """Another process joins this Ray instance by its address (the path of an existing cluster):
+    Ray answers, and the CPUs this cluster's workers hold are said to be busy, not waited for."""
+    import subprocess
+
+    address = ray.get_runtime_context().gcs_address
+    code = f"from mechscope.distributed import Cluster; Cluster({str(model_dir)!r}, workers=1, address={address!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "1 workers need 1 CPUs and Ray has 0 free" in done.stderr, done.stderr[-2000:]
