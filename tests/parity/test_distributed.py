@@ -153,11 +153,15 @@ def test_what_depends_on_the_whole_batch_is_refused_before_any_work(batch):
             run(discover, batch, model="/nonexistent", workers=2, **kwargs)
 
 
-def test_bad_addresses_and_missing_ray(monkeypatch, model_dir):
+def test_bad_addresses_and_missing_ray(monkeypatch, cluster, model_dir):
+    from mechscope.distributed.cluster import _check_address
+
     with pytest.raises(DistributedError, match="not host:port"):
         Cluster(model_dir, address="nonsense")
     with pytest.raises(DistributedError, match="no Ray cluster answers at 127.0.0.1:1"):
-        Cluster(model_dir, address="127.0.0.1:1")
+        _check_address("127.0.0.1:1")  # (this process is connected to the cluster fixture's instance)
+    with pytest.raises(DistributedError, match="already connected to the Ray instance at .*, not 127.0.0.1:1"):
+        Cluster(model_dir, address="127.0.0.1:1")  # refused, not silently ignored
     with pytest.raises(InputError, match="workers must be a positive integer"):
         Cluster(model_dir, workers=0)
     monkeypatch.setitem(sys.modules, "ray", None)

@@ -80,13 +80,13 @@ class Cluster:
             raise InputError(f"model must be a spec for load_model (alias, directory, .gguf, hub id) or a function "
                              f"returning a HookedModel, not {type(model).__name__}")
         self.ray = ray = _ray()
+        self._owns_ray = not ray.is_initialized()
         if address is not None:
-            _check_address(address)
+            _check_address(address, connected=None if self._owns_ray else ray.get_runtime_context().gcs_address)
         from mechscope.models.load import load_model
 
         self._load = model if callable(model) else functools.partial(load_model, str(model), dtype=dtype, device=device)
         self.workers, self.retries, self._threads = workers, retries, cpus_per_worker
-        self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             try:
                 ray.init(address=address, num_cpus=None if address else workers * cpus_per_worker,
@@ -230,14 +230,18 @@ def _check_resources(ray, workers: int, cpus: int, gpus: float, owned: bool) -> 
                                    f"free; use fewer workers, or close the other Cluster of this process first")
 
 
-def _check_address(address: str) -> None:
+def _check_address(address: str, connected: str | None = None) -> None:
     """"auto", or a host:port (optionally ray://) that accepts a connection, checked in seconds:
-    Ray itself waits minutes on an address where nothing answers."""
-    if address == "auto":
+    Ray itself waits minutes on an address where nothing answers. A process already `connected` to
+    a Ray instance can only use that one."""
+    if address in ("auto", connected):
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not (sep and host and port.isdigit()):
         raise DistributedError(f"Ray address {address!r} is not host:port, ray://host:port or auto")
+    if connected is not None:
+        raise DistributedError(f"this process is already connected to the Ray instance at {connected}, not "
+                               f"{address}; close the other Cluster (or ray.shutdown()) first, or leave address out")
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as err:
