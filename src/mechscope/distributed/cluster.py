@@ -153,7 +153,7 @@ class Cluster:
 
     def _spread(self, technique, parts: list, progress: bool, name: str) -> list:
         """Each part to the next idle worker; a dead worker replaced and its part run again."""
-        ray = _ray()
+        ray = self.ray
         results: list = [None] * len(parts)
         pending, running, idle = deque(range(len(parts))), {}, deque(range(len(self._actors)))
         tries = [0] * len(parts)
@@ -182,18 +182,15 @@ class Cluster:
         return results
 
     def _replace(self, slot: int) -> None:
-        ray = _ray()
-        ray.kill(self._actors[slot], no_restart=True)
+        self.ray.kill(self._actors[slot], no_restart=True)
         self._actors[slot] = self._actor.remote()
         self.pids[slot] = self._get(self._actors[slot].load.remote(self._load, self._threads))
 
-    @staticmethod
-    def _get(refs):
+    def _get(self, refs):
         """ray.get, with a technique's own error raised as itself (not wrapped in Ray's)."""
-        ray = _ray()
         try:
-            return ray.get(refs)
-        except ray.exceptions.RayTaskError as err:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, MechscopeError):
                 raise cause from None
@@ -201,7 +198,7 @@ class Cluster:
 
     def close(self) -> None:
         """Stop the workers (and Ray, if this cluster started it)."""
-        ray = _ray()
+        ray = self.ray
         for actor in self._actors:
             try:
                 ray.kill(actor, no_restart=True)
