@@ -107,3 +107,13 @@ def test_induction_tokens(model):
     assert torch.equal(tokens[:, prefix:prefix + 5], tokens[:, prefix + 5:])
     assert torch.equal(tokens, induction(model, 4, length=5, seed=1)[0])
     assert not set(tokens[:, prefix:].flatten().tolist()) & set(model.tokenizer.all_special_ids)
+
+
+def test_dla_a_chunk_of_prompts_at_a_time_equals_one_pass(model):
+    batch = tiny_batch(model)
+    for by in ("head", "component"):
+        whole = direct_logit_attribution(model, batch, by=by)
+        torch.testing.assert_close(direct_logit_attribution(model, batch, by=by, chunk=1).values, whole.values,
+                                   atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="chunk at least 1"):
+        direct_logit_attribution(model, batch, chunk=0)

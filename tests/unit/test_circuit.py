@@ -73,3 +73,41 @@ def test_bad_heads():
     assert parse_heads(["0.1", (2, 3)]) == {(0, 1), (2, 3)}
     with pytest.raises(InputError, match=r"heads \[\(9, 0\)\] are not in this model"):
         faithfulness(model, grouped_batch(model), ["9.0"])
+
+
+def test_group_means_a_chunk_at_a_time_equal_one_pass(model):
+    batch = grouped_batch(model)
+    whole, one_by_one = group_means(model, batch, chunk=len(batch)), group_means(model, batch, chunk=1)
+    for name in whole:
+        torch.testing.assert_close(one_by_one[name], whole[name], atol=1e-12, rtol=0)
+
+
+def test_completeness_and_minimality_drop_the_runs_they_record():
+    """Their recorded runs are dropped when they return (memory), the caller's kept, and every number
+    is the one of knockouts run alone from the clean run."""
+    from mechscope.analysis.circuit import completeness, minimality
+
+    model = tiny_model("llama-gqa")
+    batch = grouped_batch(model)
+    classes = {"a": {(0, 1), (1, 2)}, "b": {(2, 0), (2, 3)}, "c": {(1, 0)}}
+    circuit = set().union(*classes.values())
+    ko = Knockouts(model, batch, chunk=3)
+    assert ko.remember(circuit) and not ko.remember(circuit)  # a second time records nothing
+    kept = [b[0] for b in ko.bases]
+    found = completeness(model, batch, classes, knockouts=ko)
+    scores = minimality(model, batch, classes, knockouts=ko)
+    assert [b[0] for b in ko.bases] == kept  # the caller's circuit run is still there, nothing else
+    fresh = Knockouts(model, batch)
+    for tried in found.tried:
+        gone = set().union(*(classes[c] for c in tried["removed"]))
+        assert fresh.logit_diffs([circuit - gone, fresh.heads - gone]) == pytest.approx(
+            [tried["circuit"], tried["model"]], abs=1e-10)
+    (fc,) = fresh.logit_diffs([circuit])
+    for name, score in scores.items():
+        v = parse_heads([name]).pop()
+        rest = circuit - classes[score["class"]]
+        without_v, without_class, only_v = fresh.logit_diffs([circuit - {v}, rest, rest | {v}])
+        assert score["score"] == pytest.approx(max(abs(fc - without_v), abs(only_v - without_class)), abs=1e-10)
+    assert list(scores) == sorted(scores, key=lambda n: parse_heads([n]).pop())  # by layer, then head
+    ko.forget(circuit)
+    assert len(ko.bases) == 1  # the unablated run stays

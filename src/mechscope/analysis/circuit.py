@@ -46,7 +46,8 @@ def head_name(head: Head) -> str:
     return f"{head[0]}.{head[1]}"
 
 
-def group_means(model: HookedModel, batch: ContrastiveBatch, reference: ContrastiveBatch | None = None) -> dict[str, Tensor]:
+def group_means(model: HookedModel, batch: ContrastiveBatch, reference: ContrastiveBatch | None = None,
+                chunk: int = 16) -> dict[str, Tensor]:
     """For each prompt of `batch`, each hook_z's mean over the corrupt prompts of `reference` (default:
     the batch itself) in the same group (template), per position: {name: [batch, pos, head, d_head]}.
     Without groups, the whole reference is one group."""
@@ -57,18 +58,26 @@ def group_means(model: HookedModel, batch: ContrastiveBatch, reference: Contrast
     if missing:
         raise InputError(f"the reference prompts have no template {missing[:3]}; give every template of the batch")
     names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(reference.corrupt, names_filter=names, stop_at_layer=model.cfg.n_layers)
     n_pos = batch.clean.shape[1]
-    rows = {g: torch.tensor([i for i, r in enumerate(ref_groups) if r == g], device=model.device) for g in set(groups)}
-    out = {}
-    for name in names:
-        z = cache[name]  # [ref, ref_pos, head, d_head]
-        if z.shape[1] < n_pos:
-            z = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, n_pos - z.shape[1]))
-        per_group = {g: z[r, :n_pos].mean(0) for g, r in rows.items()}  # {group: [pos, head, d_head]}
-        out[name] = torch.stack([per_group[g] for g in groups])  # [batch, pos, head, d_head]
-    return out
+    # Per group: the sum of each hook_z over its reference prompts [pos, head, d_head], a chunk at a time
+    sums: dict[str, dict[str, Tensor]] = {name: {} for name in names}
+    for first in range(0, len(reference), chunk):
+        part = reference.corrupt[first:first + chunk]  # [part, ref_pos]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(part, names_filter=names, stop_at_layer=model.cfg.n_layers)
+        part_groups = ref_groups[first:first + chunk]
+        rows = {g: torch.tensor([i for i, r in enumerate(part_groups) if r == g], device=model.device)
+                for g in set(part_groups)}
+        for name in names:
+            z = cache[name]  # [part, ref_pos, head, d_head]
+            z = torch.nn.functional.pad(z, (0, 0, 0, 0, 0, max(0, n_pos - z.shape[1])))[:, :n_pos]
+            for g, r in rows.items():
+                total = z[r].sum(0)  # [pos, head, d_head]
+                sums[name][g] = sums[name][g] + total if g in sums[name] else total
+        del cache
+    counts = {g: ref_groups.count(g) for g in set(groups)}
+    return {name: torch.stack([sums[name][g] / counts[g] for g in groups])  # [batch, pos, head, d_head]
+            for name in names}
 
 
 def knockout_hooks(model: HookedModel, keep: set[Head], means: dict[str, Tensor]) -> list:
@@ -88,7 +97,7 @@ class Knockouts:
     """Logit differences of the clean prompts with heads knocked out, many knockout sets per batch."""
 
     def __init__(self, model: HookedModel, batch: ContrastiveBatch, *, reference: ContrastiveBatch | None = None,
-                 chunk: int = 16, progress: bool = False):
+                 chunk: int = 4, progress: bool = False):
         self.model, self.batch, self.chunk, self.progress = model, batch, chunk, progress
         self.heads = {(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)}
         self.means = group_means(model, batch, reference)
@@ -100,15 +109,16 @@ class Knockouts:
         no_ablation = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.bool, device=model.device)
         self.bases: list[tuple[Tensor, LayerInputs, float]] = [(no_ablation, self.inputs, self.model_logit_diff)]
 
-    def remember(self, keep: Iterable[Head]) -> None:
+    def remember(self, keep: Iterable[Head]) -> bool:
         """Record the run that knocks out every head outside `keep` (itself resumed from the best run
-        recorded so far): knockout sets that agree with it on the first layers resume from it."""
+        recorded so far): knockout sets that agree with it on the first layers resume from it.
+        False if a recorded run already knocks out the same heads."""
         keep = set(keep)
         self.check(keep)
         ablate = self._ablated([keep])[0]  # [layer, head]
         base, start = self._base_for(ablate)
         if start == self.model.cfg.n_layers:
-            return  # a recorded run knocks out the same heads
+            return False
         known = self.bases[base][1]
         inputs = LayerInputs(self.model, len(self.batch))
         inputs.rest, inputs.resid = known.rest, list(known.resid[:start])
@@ -119,6 +129,13 @@ class Knockouts:
                 hidden = self._layer(hidden, layer, ablate[None])
         inputs.final = hidden
         self.bases.append((ablate, inputs, self._logit_diffs(hidden, 1)[0]))
+        return True
+
+    def forget(self, keep: Iterable[Head]) -> None:
+        """Drop the recorded run of `keep` (its memory: a residual stream per layer); the unablated
+        run stays. Runs resumed from it keep the layers they share with it."""
+        ablate = self._ablated([set(keep)])[0]  # [layer, head]
+        self.bases = [self.bases[0]] + [b for b in self.bases[1:] if not torch.equal(b[0], ablate)]
 
     def check(self, heads: Iterable[Head]) -> None:
         bad = sorted(set(heads) - self.heads)
@@ -246,7 +263,7 @@ def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[s
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
-    ko.remember(circuit)
+    added = [circuit] if ko.remember(circuit) else []  # recorded runs this search adds, dropped at its end
     fc, fm = ko.logit_diffs([circuit, ko.heads])
     tried = [{"removed": [], "circuit": fc, "model": fm, "gap": abs(fc - fm)}]
     best, chosen = tried[0], []
@@ -265,8 +282,12 @@ def completeness(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[s
             break
         best, chosen = top, top["removed"]
         gone = set().union(*(members[x] for x in chosen))
-        ko.remember(circuit - gone)  # the next round's sets start from these
-        ko.remember(ko.heads - gone)
+        new = [keep for keep in (circuit - gone, ko.heads - gone) if ko.remember(keep)]  # the next round starts here
+        for keep in added:  # ... not from these any more (each of its sets agrees longer with the new runs)
+            ko.forget(keep)
+        added = new
+    for keep in added:
+        ko.forget(keep)
     return Completeness(removed=tuple(best["removed"]), circuit_logit_diff=best["circuit"],
                         model_logit_diff=best["model"], gap=best["gap"], relative=best["gap"] / ko.model_logit_diff,
                         tried=tried)
@@ -280,19 +301,23 @@ def minimality(model: HookedModel, batch: ContrastiveBatch, classes: Mapping[str
     members = {c: parse_heads(h) for c, h in classes.items() if h}
     circuit = set().union(*members.values())
     ko.check(circuit)
-    for removed in [set()] + list(members.values()):  # C, and C without each class: the sets below start from them
-        ko.remember(circuit - removed)
-    heads = sorted((v, c) for c, hs in members.items() for v in hs)
-    keeps = [circuit] + [circuit - members[c] for c in members]
-    for v, c in heads:
-        keeps += [circuit - {v}, (circuit - members[c]) | {v}]
-    values = ko.logit_diffs(keeps)
-    fc = values[0]
-    without_class = dict(zip(members, values[1:1 + len(members)]))
+    # Each class in turn: C without it is recorded (unless it was), its sets run from it, and it is dropped
+    added = ko.remember(circuit)
+    (fc,) = ko.logit_diffs([circuit])
+    values = []
+    for c, heads_c in members.items():
+        rest = circuit - heads_c
+        recorded = ko.remember(rest)
+        values.append(ko.logit_diffs([rest] + [keep for v in sorted(heads_c) for keep in (circuit - {v}, rest | {v})]))
+        if recorded:
+            ko.forget(rest)
+    if added:
+        ko.forget(circuit)
     out = {}
-    for i, (v, c) in enumerate(heads):
-        without_v, only_v_of_class = values[1 + len(members) + 2 * i: 3 + len(members) + 2 * i]
-        drops = {"none": abs(fc - without_v), "class": abs(only_v_of_class - without_class[c])}
-        k = max(drops, key=drops.get)
-        out[head_name(v)] = {"class": c, "score": drops[k], "K": k, "relative": drops[k] / abs(fc) if fc else float("inf")}
-    return out
+    for (c, heads_c), (without_class, *pairs) in zip(members.items(), values):
+        for i, v in enumerate(sorted(heads_c)):
+            without_v, only_v_of_class = pairs[2 * i: 2 * i + 2]
+            drops = {"none": abs(fc - without_v), "class": abs(only_v_of_class - without_class)}
+            k = max(drops, key=drops.get)
+            out[v] = {"class": c, "score": drops[k], "K": k, "relative": drops[k] / abs(fc) if fc else float("inf")}
+    return {head_name(v): out[v] for v in sorted(out)}

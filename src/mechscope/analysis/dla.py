@@ -31,20 +31,29 @@ def _direction(model: HookedModel, batch: ContrastiveBatch) -> Tensor:
 
 @technique
 def direct_logit_attribution(
-    model: HookedModel, batch: ContrastiveBatch, *, by: str = "head", run: str = "clean"
+    model: HookedModel, batch: ContrastiveBatch, *, by: str = "head", run: str = "clean", chunk: int | None = None
 ) -> Result:
     """Each head's (by="head": axes layer x head) or each component's (by="component": embed,
-    {l}_attn_out, {l}_mlp_out) direct effect on the logit difference, averaged over prompts."""
+    {l}_attn_out, {l}_mlp_out) direct effect on the logit difference, averaged over prompts.
+    `chunk`: cache this many prompts at a time, not all (less memory, the same values; hooks the
+    caller added then see `chunk` prompts at a time)."""
     start = time.perf_counter()
-    if by not in ("head", "component") or run not in ("clean", "corrupt"):
-        raise ValueError(f"by must be 'head' or 'component' and run 'clean' or 'corrupt'; got {by!r}, {run!r}")
-    tokens = batch.clean if run == "clean" else batch.corrupt
+    chunk = len(batch) if chunk is None else chunk
+    if by not in ("head", "component") or run not in ("clean", "corrupt") or chunk < 1:
+        raise ValueError(f"by must be 'head' or 'component', run 'clean' or 'corrupt' and chunk at least 1; "
+                         f"got {by!r}, {run!r}, {chunk}")
     wanted = ("hook_z", "hook_attn_out", "hook_mlp_out", "hook_embed", "hook_pos_embed", "hook_scale")
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(wanted))
-        stack, labels = (cache.stack_head_results if by == "head" else cache.decompose_resid)(
-            return_labels=True, apply_ln=True, positions=batch.read_pos)  # [component, batch, d_model]
-        per_prompt = (stack * _direction(model, batch)).sum(-1)  # [component, batch]
+    parts = []
+    for first in range(0, len(batch), chunk):
+        part = batch.rows(first, first + chunk)
+        tokens = part.clean if run == "clean" else part.corrupt
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(wanted))
+            stack, labels = (cache.stack_head_results if by == "head" else cache.decompose_resid)(
+                return_labels=True, apply_ln=True, positions=part.read_pos)  # [component, part, d_model]
+            parts.append((stack * _direction(model, part)).sum(-1))  # [component, part]
+        del cache, stack
+    per_prompt = torch.cat(parts, -1)  # [component, batch]
     values = widen(per_prompt).mean(-1)
     if by == "head":
         values = values.reshape(model.cfg.n_layers, model.cfg.n_heads)

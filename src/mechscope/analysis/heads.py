@@ -117,11 +117,12 @@ def copy_scores(
             hs = sorted(h for wl, h in wanted if wl == l)
             v = torch.cat([at_positions(cache[name].flatten(2), pos) for pos in keys])  # [case, kv_head * d_head]
             v = v.reshape(len(v), cfg.n_kv_heads, cfg.d_head).repeat_interleave(cfg.n_heads // cfg.n_kv_heads, 1)
-            result = a.head_results(l, v[:, None])[:, 0, hs]  # [case, head, d_model]: each head's write
-            logits = model.logits_from_resid(result)  # [case, head, d_vocab]
-            own = logits.gather(-1, tokens[:, None, None].expand(-1, len(hs), 1))  # [case, head, 1]
-            scores["copy"][l, hs] = ((logits > own).sum(-1) < k).to(wide).mean(0).cpu()
-            scores["negative_copy"][l, hs] = ((logits < own).sum(-1) < k).to(wide).mean(0).cpu()
+            result = a.head_results(l, v[:, None])[:, 0]  # [case, head, d_model]: each head's write
+            for h in hs:  # one head's logits at a time: [case, d_vocab] is large enough
+                logits = model.logits_from_resid(result[:, h])  # [case, d_vocab]
+                own = logits.gather(-1, tokens[:, None])  # [case, 1]
+                scores["copy"][l, h] = ((logits > own).sum(-1) < k).to(wide).mean().cpu()
+                scores["negative_copy"][l, h] = ((logits < own).sum(-1) < k).to(wide).mean().cpu()
     return {kind: Result(values=values, axes=("layer", "head"), labels=head_labels(model),
                          technique=kind.replace("_", " ") + " score", model=cfg.model_name, n_prompts=len(batch),
                          seconds=time.perf_counter() - start, extra={"k": k, "positions": list(positions)})

@@ -55,11 +55,16 @@ class ShardedKnockouts:
         if bad:
             raise InputError(f"heads {bad} are not in this model")
 
-    def remember(self, keep: Iterable[Head]) -> None:
+    def remember(self, keep: Iterable[Head]) -> bool:
         keep = set(keep)
         self.check(keep)
         self._log.append(keep)
-        self._each([("call", ("remember", keep))] * len(self.bounds))
+        return any(self._each([("call", ("remember", keep))] * len(self.bounds)))
+
+    def forget(self, keep: Iterable[Head]) -> None:
+        keep = set(keep)
+        self._log = [k for k in self._log if k != keep]
+        self._each([("call", ("forget", keep))] * len(self.bounds))
 
     def logit_diffs(self, keeps: Sequence[set[Head]]) -> list[float]:
         parts = self._each([("call", ("logit_diffs", list(keeps)))] * len(self.bounds))  # [shard][keep]

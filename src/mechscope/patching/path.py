@@ -31,7 +31,7 @@ from torch import Tensor
 
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
-from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric
+from mechscope.metrics import Metric, at_positions, check_baselines, resolve_metric
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
@@ -105,15 +105,14 @@ def path_patch(
         raise InputError("these recorded runs belong to another batch or direction; record them with "
                          "record_runs(model, batch, direction) for this call")
     inputs, source_cache, target_cache = runs.inputs, runs.source_cache, runs.target_cache
-    source_logits, target_logits = runs.source_logits, runs.target_logits
+    source_read, target_read = runs.source_read, runs.target_read  # [batch, d_vocab] each
     one_position = (to_logits or not (isinstance(at, str) and at == "all")) and inputs.resumable
     # Where the receivers read, per prompt: [batch]
     where = batch.read_pos if to_logits or isinstance(at, str) and at == "read" else at
     where = where.to(model.device) if isinstance(where, Tensor) else where
-    clean_logits = target_logits if direction == "noise" else source_logits
-    name, fn = resolve_metric(metric, read_logits(clean_logits, batch))
-    baseline = _mean_metric(fn, read_logits(target_logits, batch)[None], batch).item()
-    source_metric = _mean_metric(fn, read_logits(source_logits, batch)[None], batch).item()
+    name, fn = resolve_metric(metric, target_read if direction == "noise" else source_read)
+    baseline = _mean_metric(fn, target_read[None], batch).item()
+    source_metric = _mean_metric(fn, source_read[None], batch).item()
     clean_metric, corrupt_metric = (baseline, source_metric) if direction == "noise" else (source_metric, baseline)
     check_baselines(name, clean_metric, corrupt_metric)
 
@@ -161,13 +160,14 @@ def path_patch(
 
 @dataclass
 class PathRuns:
-    """What path patching reads from the source and target runs of one batch: every head's z on
-    both, the target's q, k and v, and the target's layer inputs with their keys and values."""
+    """What path patching reads from the source and target runs of one batch: the logits at the read
+    positions and every head's z on both, the target's q, k and v, and the target's layer inputs
+    with their keys and values."""
 
     batch: ContrastiveBatch
     direction: str
-    source_logits: Tensor  # [batch, pos, d_vocab]
-    target_logits: Tensor
+    source_read: Tensor  # [batch, d_vocab]: the logits at each prompt's read position
+    target_read: Tensor
     source_cache: ActivationCache
     target_cache: ActivationCache
     inputs: LayerInputs
@@ -187,11 +187,14 @@ def record_runs(model: HookedModel, batch: ContrastiveBatch, direction: str = "n
     z_names = [f"blocks.{l}.attn.hook_z" for l in range(n_layers)]
     qkv = [f"blocks.{l}.attn.hook_{x}" for l in range(n_layers) for x in "qkv"]
     inputs = LayerInputs(model, len(batch))
-    with torch.no_grad():
-        source_logits, source_cache = model.run_with_cache(source, names_filter=z_names)
+    with torch.no_grad():  # the logits at the read positions only, as patched runs read them
+        source_final, source_cache = model.run_with_cache(source, names_filter=z_names, stop_at_layer=n_layers)
         with inputs.recording(keys_values=True):
-            target_logits, target_cache = model.run_with_cache(target, names_filter=z_names + qkv)
-    return PathRuns(batch, direction, source_logits, target_logits, source_cache, target_cache, inputs)
+            target_final, target_cache = model.run_with_cache(target, names_filter=z_names + qkv,
+                                                              stop_at_layer=n_layers)  # [batch, pos, d_model]
+        source_read = model.logits_from_resid(at_positions(source_final, batch.read_pos))  # [batch, d_vocab]
+        target_read = model.logits_from_resid(at_positions(target_final, batch.read_pos))
+    return PathRuns(batch, direction, source_read, target_read, source_cache, target_cache, inputs)
 
 
 def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, receivers,

@@ -90,23 +90,27 @@ class LayerInputs:
             return Suffix(starts, length, self.batch_size, n_pos)
         return Suffix.through(starts, read_pos, self.batch_size, n_pos)
 
-    def _tile(self, value: Any, k: int) -> Any:
-        """Repeat batch-indexed tensors k times along the batch (variant-major)."""
+    def _tile(self, value: Any, k: int, done: dict[int, Tensor]) -> Any:
+        """Repeat batch-indexed tensors k times along the batch (variant-major); a tensor that every
+        layer is given (a mask, rotary tables) is repeated once (`done`, by identity)."""
         if isinstance(value, Tensor):
             if value.ndim >= 2 and value.shape[0] == self.batch_size:
-                return value.repeat(k, *([1] * (value.ndim - 1)))
+                if id(value) not in done:
+                    done[id(value)] = value.repeat(k, *([1] * (value.ndim - 1)))
+                return done[id(value)]
             return value
         if isinstance(value, tuple):
-            return tuple(self._tile(v, k) for v in value)
+            return tuple(self._tile(v, k, done) for v in value)
         if isinstance(value, list):
-            return [self._tile(v, k) for v in value]
+            return [self._tile(v, k, done) for v in value]
         if isinstance(value, dict):
-            return {key: self._tile(v, k) for key, v in value.items()}
+            return {key: self._tile(v, k, done) for key, v in value.items()}
         return value
 
     def tiled(self, k: int) -> list[tuple[tuple, dict]]:
         if k not in self._tiled:
-            self._tiled = {k: [self._tile(rest, k) for rest in self.rest]}  # keep one size at a time
+            done: dict[int, Tensor] = {}
+            self._tiled = {k: [self._tile(rest, k, done) for rest in self.rest]}  # keep one size at a time
         return self._tiled[k]
 
     def run_layers(self, hidden: Tensor, start: int, stop: int, k: int, suffix: Suffix | None = None) -> Tensor:

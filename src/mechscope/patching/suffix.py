@@ -92,31 +92,37 @@ class LayerCall:
 
     def run_suffix(self, hidden: Tensor, suffix: Suffix, cache) -> Tensor:
         """The layer on hidden [rows, length, d_model] at the suffix's positions."""
-        def cut(name, value):
-            if name == self.cache_name:
-                return cache
-            if name == "attention_mask":
-                return suffix.mask(value, hidden.dtype, hidden.device)
-            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == suffix.n_pos \
-                    and value.shape[0] in (1, suffix.batch_size):
-                return suffix.gather(value)
-            if isinstance(value, (tuple, list)):
-                return type(value)(cut(None, v) for v in value)
-            return value
-
-        out = self.layer(hidden, **{name: cut(name, v) for name, v in self.arguments.items()})
+        arguments = {name: cache if name == self.cache_name else _cut(name, value, suffix, hidden)
+                     for name, value in self.arguments.items()}
+        out = self.layer(hidden, **arguments)
         return out[0] if isinstance(out, tuple) else out
 
     def resumable(self, n_pos: int) -> bool:
         """Whether run_suffix understands every argument: a cache to fill, and no tensor over positions
         that it would not know how to cut (such as a 1-d cache_position)."""
-        def known(name, value):
-            if isinstance(value, (tuple, list)):
-                return all(known(None, v) for v in value)
-            if isinstance(value, dict):
-                return False
-            if not isinstance(value, Tensor) or name == "attention_mask":
-                return True
-            return n_pos not in value.shape or (value.ndim >= 2 and value.shape[1] == n_pos)
+        return self.cache_name is not None and all(_known(n, v, n_pos) for n, v in self.arguments.items())
 
-        return self.cache_name is not None and all(known(n, v) for n, v in self.arguments.items())
+
+def _cut(name: str | None, value, suffix: Suffix, hidden: Tensor):
+    """A recorded layer argument cut to the suffix's positions. (A plain function: a recursive
+    closure would be a reference cycle holding each call's keys and values until the garbage
+    collector ran.)"""
+    if name == "attention_mask":
+        return suffix.mask(value, hidden.dtype, hidden.device)
+    if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == suffix.n_pos \
+            and value.shape[0] in (1, suffix.batch_size):
+        return suffix.gather(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut(None, v, suffix, hidden) for v in value)
+    return value
+
+
+def _known(name: str | None, value, n_pos: int) -> bool:
+    """Whether `_cut` knows how to cut a recorded argument."""
+    if isinstance(value, (tuple, list)):
+        return all(_known(None, v, n_pos) for v in value)
+    if isinstance(value, dict):
+        return False
+    if not isinstance(value, Tensor) or name == "attention_mask":
+        return True
+    return n_pos not in value.shape or (value.ndim >= 2 and value.shape[1] == n_pos)

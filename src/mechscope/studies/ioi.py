@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
 
+from mechscope import memory
 from mechscope.analysis.circuit import Head, Knockouts, completeness, head_name, knockout_hooks, minimality
 from mechscope.analysis.dla import direct_logit_attribution
 from mechscope.analysis.heads import attention_from_end, copy_scores, head_scores
@@ -109,6 +110,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     unclassified: dict[str, dict] = {}
 
     def step(name: str):
+        memory.release()  # what this step freed, before the next allocates
         timings[name] = round(time.perf_counter() - start - sum(timings.values()), 2)
         log(f"{name}: {timings[name]:.1f} s")
 
@@ -144,7 +146,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
 
     # 2. Name movers: direct effect, attention to a name, OV copying
     positions = name_positions(batch)
-    dla = keep(direct_logit_attribution(model, batch), "dla")
+    dla = keep(direct_logit_attribution(model, batch, chunk=8), "dla")
     attention = {k: keep(r, f"attention_end_to_{k}") for k, r in
                  attention_from_end(model, batch, {k: positions[k] for k in ("IO", "S1", "S2")}).items()}
     att_io, att_s = attention["IO"].values, attention["S1"].values + attention["S2"].values  # [layer, head]
@@ -228,8 +230,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
 
     # 6. Backup name movers: DLA again with the name movers knocked out
     if movers:
-        with model.hooks(fwd_hooks=knockout_hooks(model, knockouts.heads - set(movers), knockouts.means)):
-            after = keep(direct_logit_attribution(model, batch), "dla_without_name_movers")
+        after = keep(_dla_knocked_out(model, batch, knockouts.heads - set(movers), knockouts.means),
+                     "dla_without_name_movers")
         for l, h in sorted(_heads(model), key=lambda x: (dla.values[x] - after.values[x]).item()):
             gain = (after.values[l, h] - dla.values[l, h]).item()
             if gain >= tau and after.values[l, h] >= tau and not classified((l, h)):
@@ -244,6 +246,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     (f_circuit,) = knockouts.logit_diffs([set(found)])
     complete = completeness(model, batch, classes, knockouts=knockouts) if classes else None
     minimal = minimality(model, batch, classes, knockouts=knockouts) if classes else {}
+    knockouts.forget(set(found))  # its residual streams: the steps below do not read them
     step("evaluation")
 
     # 8. For the report: the circuit's edges, each sender's path effect through each receiver alone
@@ -253,7 +256,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     # 9. For the report: the residual stream patched per position on one template, and attention
     template = records[0]["template"]
     one = ContrastiveBatch.from_records(model, ioi(6, seed=s.seed + 7, model=model, templates=[template]))
-    flow = activation_patch(model, one, site="resid_pre", per_position=True, progress=progress)
+    flow = activation_patch(model, one, site="resid_pre", per_position=True, progress=progress, memory_mb=256)
     where = {int(p[0]): k for k, p in name_positions(one).items()}
     tokens = [f"{t} ({where[i]})" if i in where else t for i, t in enumerate(model.to_str_tokens(one.clean_prompts[0]))]
     flow_data = flow.to_dict()
@@ -321,6 +324,20 @@ def circuit_edges(model: HookedModel, batch: ContrastiveBatch, circuit: dict[str
                                                                                " (key/value head)")}
                       for x in before for r in heads]
     return edges
+
+
+def _dla_knocked_out(model: HookedModel, batch: ContrastiveBatch, keep: set[Head], means: dict[str, torch.Tensor],
+                     chunk: int = 8) -> Result:
+    """Direct logit attribution with every head outside `keep` mean-ablated, `chunk` prompts at a time
+    (each with its own prompts' means): the prompt-weighted mean of the parts'."""
+    parts = []
+    for first in range(0, len(batch), chunk):
+        part = batch.rows(first, first + chunk)
+        rows = {name: m[first:first + chunk] for name, m in means.items()}  # [part, pos, head, d_head]
+        with model.hooks(fwd_hooks=knockout_hooks(model, keep, rows)):
+            parts.append(direct_logit_attribution(model, part, chunk=chunk))
+    return replace(parts[0], values=sum(p.values * p.n_prompts for p in parts) / len(batch),  # [layer, head]
+                   n_prompts=len(batch), seconds=sum(p.seconds for p in parts))
 
 
 def attention_patterns(model: HookedModel, prompts: list[str]) -> dict:
