@@ -225,17 +225,22 @@ def ioi_study(
     threshold: Annotated[float, typer.Option(help="An effect counts when |effect| >= threshold * F(M).")] = 0.01,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the ioi.json and report.html of an "
                                             "earlier run in OUT.")] = False,
+    screen: Annotated[Optional[str], typer.Option(help="atp: path-patch exactly only the senders that path "
+                                                  "attribution ranks first, and a random sample of the rest.")] = None,
     device: Device = "cpu", dtype: DType = "float32", workers: Workers = 0, ray_address: RayAddress = None,
 ) -> None:
     """The IOI study of Wang et al. 2022, end to end: find the circuit's seven classes of heads and
     evaluate it; writes OUT/ioi.json and OUT/report.html (OUT is created when the study is done).
     With --workers, its path-patching sweeps run on the workers."""
+    from mechscope.errors import InputError
     from mechscope.studies.ioi import Settings, run_ioi
 
     with _clear_errors():
         _check_n(n)
         _check_workers(workers, ray_address)
-        settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold)
+        settings = Settings(n=n, n_path=min(n_path, n), seed=seed, threshold=threshold, screen=screen)
+        if screen and (workers or ray_address):
+            raise InputError("--screen runs in one process; leave out --workers/--ray-address or --screen")
         files = _study_outputs(out, "ioi.json", overwrite)
         m = _load(model, device, dtype)
         with _cluster(model, workers, ray_address, device, dtype) as cluster:

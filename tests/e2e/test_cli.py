@@ -306,4 +306,9 @@ def test_worker_options_are_checked_before_any_model_loads(tmp_path):
     done = runner.invoke(app, ["discover", *base, "--out", str(tmp_path / "d"), "--method", "acdc",
                                "--threshold", "0.1", "--workers", "2"])
     assert done.exit_code == 1 and "ACDC cannot be split over workers" in done.output
-    assert not out.exists() and not (tmp_path / "d").exists()
+    done = runner.invoke(app, ["ioi", "--model", "never-loaded", "--out", str(tmp_path / "i"), "--screen", "atp",
+                               "--workers", "2"])
+    assert done.exit_code == 1 and "--screen runs in one process" in done.output
+    done = runner.invoke(app, ["ioi", "--model", "never-loaded", "--out", str(tmp_path / "i"), "--screen", "top"])
+    assert done.exit_code == 1 and "screen is None" in done.output
+    assert not out.exists() and not (tmp_path / "d").exists() and not (tmp_path / "i").exists()

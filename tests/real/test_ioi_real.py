@@ -133,3 +133,29 @@ def test_the_faster_engine_changed_no_result(study):
     edges = [[e["source"], e["target"], e["effect"]] for e in study["edges"]]
     assert [e[:2] for e in edges] == [e[:2] for e in pinned["edges"]]
     assert [e[2] for e in edges] == pytest.approx([e[2] for e in pinned["edges"]], abs=1e-4)
+
+
+def test_path_attribution_ranks_every_path_patched_head_in_the_screen(smollm2, study):
+    """Recall of `--screen atp` on the pinned study: each head that a path-patching step classified is
+    among the senders that path attribution ranks in the screen's top 24 (of 162 to 207) by |estimate|.
+    By sign alone it would miss the previous-token head, whose key path saturates (estimate +0.16,
+    exact -1.44 in the default study)."""
+    from mechscope.patching import path_attribution, record_runs
+    from mechscope.studies.ioi import _at, _receiver
+
+    settings = study["settings"]
+    path_batch = ContrastiveBatch.from_records(smollm2, ioi(settings["n"], seed=settings["seed"],
+                                                            model=smollm2)[: settings["n_path"]])
+    positions, runs = name_positions(path_batch), record_runs(smollm2, path_batch)
+    steps = ((["name_mover"], "q", "END", ["s_inhibition"]),
+             (["s_inhibition"], "v", "S2", ["induction", "duplicate_token"]),
+             (["induction"], "k", "S1+1", ["previous_token"]))
+    for receiver_classes, receiver_input, where, found_classes in steps:
+        heads = [tuple(int(x) for x in h.split(".")) for c in receiver_classes for h in study["circuit"][c]]
+        receivers = sorted({_receiver(smollm2, h, receiver_input) for h in heads})
+        estimate = path_attribution(smollm2, path_batch, receivers=receivers, receiver_input=receiver_input,
+                                    at=_at(where, positions), runs=runs)
+        order = estimate.values.abs().flatten().argsort(descending=True)[:24].tolist()
+        top = {f"{i // smollm2.cfg.n_heads}.{i % smollm2.cfg.n_heads}" for i in order}
+        found = {h for c in found_classes for h in study["circuit"][c]}
+        assert found and found <= top, (receiver_input, found - top)

@@ -168,3 +168,40 @@ def test_settings_are_checked():
         Settings(receiver_positions="S2")
     with pytest.raises(InputError, match="n_path"):
         Settings(n=8, n_path=9)
+
+
+def test_a_screen_that_checks_every_sender_is_the_exact_study():
+    model = ioi_model("llama-gqa", layers=6)
+    exact = run_ioi(model, LOOSE)
+    everything = run_ioi(model, Settings(**{**LOOSE.__dict__, "screen": "atp", "screen_top": 1000}))
+    assert everything["circuit"] == exact["circuit"] and everything["edges"] == exact["edges"]
+    for key, screen in everything["screen"].items():
+        assert screen["checked"] == screen["senders"] and screen["sampled"] == 0
+        torch.testing.assert_close(torch.tensor(everything["intermediate"][key]["values"]),
+                                   torch.tensor(exact["intermediate"][key]["values"]), atol=1e-6, rtol=0)
+    assert exact["screen"] is None
+
+
+def test_a_screen_path_patches_only_its_top_and_sample():
+    model = ioi_model("llama-gqa", layers=6)
+    out = run_ioi(model, Settings(**{**LOOSE.__dict__, "screen": "atp", "screen_top": 3, "screen_sample": 2}))
+    for key, screen in out["screen"].items():
+        values = torch.tensor(out["intermediate"][key]["values"], dtype=torch.float64)  # [layer, head]
+        estimate = torch.tensor(out["intermediate"][f"{key}_estimate"]["values"], dtype=torch.float64)
+        checked = ~values.isnan()
+        assert screen["checked"] == min(3, screen["senders"])
+        assert screen["sampled"] == min(2, screen["senders"] - screen["checked"])
+        assert int(checked.sum()) == screen["checked"] + screen["sampled"]
+        top = estimate.abs().flatten().argsort(descending=True)[:3]
+        assert checked.flatten()[top].all()  # the three largest |estimates| are path-patched exactly
+        unchecked = screen["largest_unchecked_estimate"]
+        assert unchecked is None or unchecked <= estimate.abs().flatten()[top].min()
+
+
+def test_screen_settings_are_checked():
+    from mechscope import InputError
+
+    with pytest.raises(InputError, match="screen is None"):
+        Settings(screen="acdc")
+    with pytest.raises(InputError, match="screen_top"):
+        Settings(screen="atp", screen_top=0)

@@ -17,16 +17,20 @@ from noise.
    a previous-token score >= 0.3. (`receiver_positions="all"` patches every position instead.)
 6. Backup name movers: with the name movers knocked out, heads whose DLA grows by at least tau, to
    at least tau (a head that only harms less is not taking over).
-7. Evaluation by knockout (mean over ABC prompts of each template): faithfulness, completeness,
+7. The circuit's edges (path patching through each receiver alone), for the report.
+8. Evaluation by knockout (mean over ABC prompts of each template): faithfulness, completeness,
    minimality.
 
 Path patching runs on the first `n_path` prompts (it costs about one forward per sender head), the
-rest on all `n`.
+rest on all `n`. With `screen="atp"`, steps 3 to 5 rank the senders by path attribution (a gradient
+estimate of the same path effect) and path-patch exactly only the top `screen_top` and a random
+sample of `screen_sample` others; `screen` in the output says what the sample found the ranking missed.
 """
 
 from __future__ import annotations
 
 import base64
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
@@ -41,6 +45,7 @@ from mechscope.errors import InputError
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import activation_patch
 from mechscope.patching.path import path_patch, record_runs
+from mechscope.patching.path_attribution import path_attribution
 from mechscope.result import Result
 from mechscope.tasks.batch import ContrastiveBatch
 from mechscope.tasks.ioi import ioi, name_positions
@@ -74,10 +79,21 @@ class Settings:
     # Where S-inhibition values and induction keys are patched: "paper" (at S2, and at S1 + 1, the
     # token the induction heads attend to from S2) or "all" positions.
     receiver_positions: str = "paper"
+    # Optional screen of the path-patching steps: "atp" ranks every sender by |path attribution| (one
+    # gradient pass) and path-patches exactly only the `screen_top` it ranks first, plus a random
+    # sample of `screen_sample` others (what the screen may miss). None: every sender, exactly.
+    screen: str | None = None
+    screen_top: int = 24
+    screen_sample: int = 12
 
     def __post_init__(self):
         if self.receiver_positions not in ("paper", "all"):
             raise InputError(f"receiver_positions is 'paper' or 'all', not {self.receiver_positions!r}")
+        if self.screen not in (None, "atp"):
+            raise InputError(f"screen is None (every sender exactly) or 'atp', not {self.screen!r}")
+        if self.screen_top < 1 or self.screen_sample < 0:
+            raise InputError(f"screen_top must be at least 1 and screen_sample at least 0; got {self.screen_top}, "
+                             f"{self.screen_sample}")
         if self.n < 1:
             raise InputError(f"n (the number of IOI prompts) must be at least 1, not {self.n}")
         if not 1 <= self.n_path <= self.n:
@@ -102,6 +118,8 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     if stop_after not in (None, "S-inhibition"):
         raise InputError(f"stop_after is None or 'S-inhibition', not {stop_after!r}")
     s = settings
+    if cluster is not None and s.screen is not None:
+        raise InputError("screen='atp' runs in one process; leave out the cluster (--workers) or the screen")
     start = time.perf_counter()
     timings: dict[str, float] = {}
     intermediate: dict[str, dict] = {}
@@ -184,7 +202,9 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         at = _at(where, path_positions)
         names = ", ".join(_receiver_name(model, r, receiver_input) for r in receivers)
         log(f"path patching into the {receiver_input} of {names}")
-        if cluster is None:
+        if cluster is None and s.screen == "atp":
+            result = screened(receivers, receiver_input, at, key)
+        elif cluster is None:
             result = path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
                                 progress=progress, runs=runs)
         else:
@@ -194,6 +214,34 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         found = [((l, h), result.values[l, h].item()) for l in range(result.values.shape[0])
                  for h in range(model.cfg.n_heads) if result.values[l, h] <= -tau]
         return sorted(found, key=lambda x: x[1])
+
+    screens: dict[str, dict] = {}
+
+    def screened(receivers: list[Head], receiver_input: str, at, key: str):
+        """Path attribution ranks the senders; the top ones and a random sample of the rest are
+        path-patched exactly (the others stay NaN: not classified)."""
+        estimate = keep(path_attribution(model, path_batch, receivers=receivers, receiver_input=receiver_input,
+                                         at=at, runs=runs), f"{key}_estimate")
+        order = [(l, h) for l, h in _heads(model) if l < estimate.values.shape[0]]
+        # By |estimate|, as AtP ranks: where a path's effect saturates (a key that moves a softmax), even the
+        # sign of the linear estimate can be wrong (SmolLM2's previous-token head 16.0: +0.16 for -1.44)
+        order.sort(key=lambda x: -abs(estimate.values[x].item()))
+        top, rest = order[: s.screen_top], order[s.screen_top:]
+        sample = sorted(random.Random(s.seed).sample(rest, min(s.screen_sample, len(rest))))
+        result = path_patch(model, path_batch, receivers=receivers, receiver_input=receiver_input, at=at,
+                            senders=top + sample, progress=progress, runs=runs)
+        exact = {x: result.values[x].item() for x in top + sample}
+        screens[key] = {
+            "senders": len(order), "checked": len(top), "sampled": len(sample),
+            "sampled_below_tau": [head_name(x) for x in sample if exact[x] <= -tau],  # what the ranking missed
+            "sample_largest_effect": max((abs(exact[x]) for x in sample), default=0.0),
+            "largest_estimate_error": max(abs(exact[x] - estimate.values[x].item()) for x in top + sample),
+            "largest_unchecked_estimate": max((abs(estimate.values[x].item()) for x in rest if x not in sample),
+                                              default=None),
+        }
+        log(f"screened {len(top)} + {len(sample)} sampled of {len(order)} senders; sampled below -tau: "
+            f"{screens[key]['sampled_below_tau'] or 'none'}")
+        return result
 
     for head, effect in senders_into(movers, "q", "END", "path_to_name_mover_queries"):
         if not classified(head):
@@ -239,7 +287,13 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
                          dla_without_name_movers=after.values[l, h].item(), gain=gain)
     step("backup name movers")
 
-    # 7. Evaluation
+    # 7. For the report: the circuit's edges, each sender's path effect through each receiver alone; then
+    #    the recorded path-patching runs are dropped (memory for the evaluation)
+    edges = circuit_edges(model, path_batch, circuit, path_positions, runs=runs)
+    runs = None
+    step("edges")
+
+    # 8. Evaluation
     classes = {c: heads for c, heads in circuit.items() if heads}
     found = [h for heads in classes.values() for h in heads]
     knockouts.remember(set(found))  # completeness and minimality start from the circuit's run
@@ -248,10 +302,6 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
     minimal = minimality(model, batch, classes, knockouts=knockouts) if classes else {}
     knockouts.forget(set(found))  # its residual streams: the steps below do not read them
     step("evaluation")
-
-    # 8. For the report: the circuit's edges, each sender's path effect through each receiver alone
-    edges = circuit_edges(model, path_batch, circuit, path_positions, runs=runs)
-    step("edges")
 
     # 9. For the report: the residual stream patched per position on one template, and attention
     template = records[0]["template"]
@@ -285,6 +335,7 @@ def run_ioi(model: HookedModel, settings: Settings = Settings(), *, progress: bo
         "evidence": evidence,
         "edges": edges,
         "unclassified": unclassified,
+        "screen": screens or None,  # per path-patching step, with --screen atp
         "seconds": round(time.perf_counter() - start, 2),
         "step_seconds": timings,
         "prompts": records,
