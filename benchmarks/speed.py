@@ -4,14 +4,15 @@ mechscope, on the same model and prompts:
 
 - head_z, all positions; head_z per position; resid_pre per position (denoising);
 - path patching into the name movers' queries at END (SmolLM2's 23.x), senders in the chosen layers;
-- with --ioi, the whole IOI study (both engines; the naive one would take hours).
+- with --ioi, the whole IOI study (both engines; the naive one would take hours), and the study with
+  `--screen atp`, with its recall (how many of the exact study's heads it finds).
 
 The naive rows run on `--layers` (default: 3 layers spread over the model), so that they finish.
 
     .venv/bin/python benchmarks/speed.py [--model smollm2-135m] [--n 8] [--layers 5 15 25] [--ioi]
 
-Each row: seconds, multiple of one plain forward, the naive time over it, the process's peak
-memory so far, and the largest difference from the naive values.
+Each row: seconds, multiple of one plain forward, the naive time over it, the peak resident memory
+during the row, and the largest difference from the naive values.
 """
 
 from __future__ import annotations
@@ -120,10 +121,11 @@ def main() -> None:
           f"{'peak GB':>8s} {'max |diff|':>10s}")
 
     def row(name, engine, fn, naive=None):
+        reset_peak()
         start = time.perf_counter()
         values = fn()
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        peak = peak_gb()
         ratio = "" if naive is None else f"{naive[1] / seconds:10.1f}"
         diff = "" if naive is None else f"{(values.reshape(naive[0].shape) - naive[0]).abs().max().item():10.1e}"
         print(f"{name:38s} {engine:14s} {seconds:8.2f} {seconds / forward:10.1f} {ratio:>10s} {peak:8.2f} {diff:>10s}",
@@ -153,12 +155,41 @@ def main() -> None:
     row(name, "mechscope", fast, naive)
 
     if args.ioi:
-        from mechscope.studies import run_ioi
+        from mechscope.studies import Settings, run_ioi
+
+        studies = {}
+
+        def study(key, settings=Settings()):
+            studies[key] = run_ioi(model, settings)
+            return torch.tensor(studies[key]["faithfulness"])
 
         with layer_resume_only():
-            before, t0 = row("IOI study (exact)", "layers only", lambda: torch.tensor(run_ioi(model)["faithfulness"]))
-        after, t1 = row("IOI study (exact)", "mechscope", lambda: torch.tensor(run_ioi(model)["faithfulness"]))
+            before, t0 = row("IOI study (exact)", "layers only", lambda: study("layers"))
+        after, t1 = row("IOI study (exact)", "mechscope", lambda: study("exact"))
+        # the ratio column: the exact study's time over the screened one's; the difference: in faithfulness
+        row("IOI study (--screen atp)", "mechscope", lambda: study("screen", Settings(screen="atp")), (after, t1))
         print(f"IOI study: {t0 / t1:.2f}x faster; faithfulness {before.item():.6f} -> {after.item():.6f}")
+        exact, screened = ({h for heads in studies[k]["circuit"].values() for h in heads} for k in ("exact", "screen"))
+        print(f"screen recall: {len(exact & screened)} of the exact study's {len(exact)} heads "
+              f"({len(screened - exact)} others); same classes: {studies['exact']['circuit'] == studies['screen']['circuit']}")
+
+
+def reset_peak() -> None:
+    """Start a new peak-memory measurement (Linux: clear VmHWM; elsewhere the process's peak so far)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_gb() -> float:
+    """The resident-memory peak since reset_peak(), in GB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 if __name__ == "__main__":

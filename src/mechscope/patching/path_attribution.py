@@ -134,8 +134,7 @@ def _receiver_grads(model, batch, target, fn, recv_names: dict[str, list[int]], 
         return torch.where(mask, leaves[hook.name][0], act)
 
     with model.hooks(fwd_hooks=[(n, leaf) for n in recv_names]):
-        logits = model(target)  # [batch, pos, d_vocab]
-    loss = _mean_metric(fn, at_positions(logits, batch.read_pos)[None], batch).sum()
+        loss = _read_metric(model, batch, target, fn)
     names = list(recv_names)
     grads = torch.autograd.grad(loss, [leaves[n][0] for n in names])  # no weight gradients
     return {n: torch.where(leaves[n][1], grad, 0) for n, grad in zip(names, grads)}
@@ -158,9 +157,16 @@ def _frozen_grads(model, batch, target, fn, last, recv_names, grads, to_logits) 
     hooks = [(f"blocks.{l}.attn.hook_z", freeze) for l in range(last)] + [(n, keep) for n in recv_names]
     with model.hooks(fwd_hooks=hooks):
         if to_logits:
-            logits = model(target)  # [batch, pos, d_vocab]
-            loss = _mean_metric(fn, at_positions(logits, batch.read_pos)[None], batch).sum()
+            loss = _read_metric(model, batch, target, fn)
         else:
             model(target, stop_at_layer=last + 1)  # the last receiver's layer reads its inputs
             loss = sum((grads[n] * reached[n]).sum() for n in recv_names)
     return list(torch.autograd.grad(loss, offsets, allow_unused=True, materialize_grads=True))
+
+
+def _read_metric(model, batch, target, fn) -> Tensor:
+    """The mean metric of a run of `target`, unembedding only the read positions (the logits of
+    every position, and their gradients, would be the largest tensors of the backward pass)."""
+    final = model(target, stop_at_layer=model.cfg.n_layers)  # [batch, pos, d_model]
+    logits = model.logits_from_resid(at_positions(final, batch.read_pos))  # [batch, d_vocab]
+    return _mean_metric(fn, logits[None], batch).sum()
