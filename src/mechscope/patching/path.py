@@ -75,17 +75,7 @@ def path_patch(
     start = time.perf_counter()
     cfg = model.cfg
     to_logits = receivers == "logits"
-    if not to_logits:
-        positions = isinstance(at, Tensor) and at.shape == (len(batch),)
-        if receiver_input not in ("q", "k", "v") or not (positions or at in ("all", "read")) or not receivers:
-            raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all', 'read' or one position per "
-                             "prompt, and at least one head")
-        n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
-        receivers = [_from_end(r, cfg.n_layers, n_recv) for r in receivers]
-        bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
-        if bad:
-            raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
-                             f"{receiver_input} heads)")
+    receivers = check_receivers(model, batch, receivers, receiver_input, at)
     last = cfg.n_layers if to_logits else max(layer for layer, _ in receivers)
     chosen = {l: list(range(cfg.n_heads)) for l in range(last)}
     if senders is not None:
@@ -99,11 +89,7 @@ def path_patch(
         raise InputError("no head sits before the receivers: choose receivers in a later layer")
 
     recv_names = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if not to_logits else []
-    if runs is None:
-        runs = record_runs(model, batch, direction)
-    elif runs.batch is not batch or runs.direction != direction:
-        raise InputError("these recorded runs belong to another batch or direction; record them with "
-                         "record_runs(model, batch, direction) for this call")
+    runs = runs_for(model, batch, direction, runs)
     inputs, source_cache, target_cache = runs.inputs, runs.source_cache, runs.target_cache
     source_read, target_read = runs.source_read, runs.target_read  # [batch, d_vocab] each
     one_position = (to_logits or not (isinstance(at, str) and at == "all")) and inputs.resumable
@@ -171,6 +157,35 @@ class PathRuns:
     source_cache: ActivationCache
     target_cache: ActivationCache
     inputs: LayerInputs
+
+
+def check_receivers(model: HookedModel, batch: ContrastiveBatch, receivers, receiver_input: str, at):
+    """"logits", or the receiver heads with negative indices counted from the end; a clear error for
+    a receiver input, a place or a head that is not one."""
+    if isinstance(receivers, str) and receivers == "logits":
+        return receivers
+    cfg = model.cfg
+    positions = isinstance(at, Tensor) and at.shape == (len(batch),)
+    if receiver_input not in ("q", "k", "v") or not (positions or at in ("all", "read")) or not receivers:
+        raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all', 'read' or one position per "
+                         "prompt, and at least one head")
+    n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
+    receivers = [_from_end(r, cfg.n_layers, n_recv) for r in receivers]
+    bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
+    if bad:
+        raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
+                         f"{receiver_input} heads)")
+    return receivers
+
+
+def runs_for(model: HookedModel, batch: ContrastiveBatch, direction: str, runs: "PathRuns | None") -> "PathRuns":
+    """The given recorded runs if they belong to this batch and direction, else recorded now."""
+    if runs is None:
+        return record_runs(model, batch, direction)
+    if runs.batch is not batch or runs.direction != direction:
+        raise InputError("these recorded runs belong to another batch or direction; record them with "
+                         "record_runs(model, batch, direction) for this call")
+    return runs
 
 
 def _from_end(head, n_layers: int, n_heads: int) -> tuple[int, int]:

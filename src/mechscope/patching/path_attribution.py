@@ -38,7 +38,7 @@ from mechscope.errors import InputError
 from mechscope.metrics import Metric, at_positions, check_baselines, resolve_metric
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import _mean_metric
-from mechscope.patching.path import PathRuns, _from_end, record_runs
+from mechscope.patching.path import PathRuns, check_receivers, runs_for
 from mechscope.patching.result import PatchResult
 from mechscope.tasks.batch import ContrastiveBatch
 
@@ -60,25 +60,11 @@ def path_attribution(
     start = time.perf_counter()
     cfg = model.cfg
     to_logits = receivers == "logits"
-    if not to_logits:
-        positions = isinstance(at, Tensor) and at.shape == (len(batch),)
-        if receiver_input not in ("q", "k", "v") or not (positions or at in ("all", "read")) or not receivers:
-            raise InputError("receivers need receiver_input 'q', 'k' or 'v', at 'all', 'read' or one position per "
-                             "prompt, and at least one head")
-        n_recv = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
-        receivers = [_from_end(r, cfg.n_layers, n_recv) for r in receivers]
-        bad = [r for r in receivers if not (0 <= r[0] < cfg.n_layers and 0 <= r[1] < n_recv)]
-        if bad:
-            raise InputError(f"receivers {bad} are not heads of this model ({cfg.n_layers} layers, {n_recv} "
-                             f"{receiver_input} heads)")
+    receivers = check_receivers(model, batch, receivers, receiver_input, at)
     last = cfg.n_layers if to_logits else max(layer for layer, _ in receivers)
     if last == 0:
         raise InputError("no head sits before the receivers: choose receivers in a later layer")
-    if runs is None:
-        runs = record_runs(model, batch, direction)
-    elif runs.batch is not batch or runs.direction != direction:
-        raise InputError("these recorded runs belong to another batch or direction; record them with "
-                         "record_runs(model, batch, direction) for this call")
+    runs = runs_for(model, batch, direction, runs)
     source, target = batch.source_and_target(direction)
     name, fn = resolve_metric(metric, runs.target_read if direction == "noise" else runs.source_read)
     baseline = _mean_metric(fn, runs.target_read[None], batch).item()
