@@ -87,6 +87,22 @@ def test_ioi_report_in_chromium(browser, ioi_report):
     page.screenshot(path=str(path.with_name("report-clicked.png")), full_page=True)
 
 
+def test_screened_ioi_report_in_chromium(browser, tmp_path):
+    """--screen atp: the path-patching maps hold NaN for the senders not path-patched, and a table says
+    what the screen checked."""
+    model = ioi_model("llama-gqa", layers=6)
+    study = run_ioi(model, Settings(**{**LOOSE.__dict__, "screen": "atp", "screen_top": 3, "screen_sample": 1}))
+    path = write_report(study, tmp_path / "report.html")
+    page, errors, requests = open_report(browser, path)
+    table = page.locator("section", has=page.locator("h2", has_text="What the screen path-patched"))
+    assert table.locator("tbody tr").count() == len(study["screen"]) > 0
+    select = page.locator("select.map-select").first
+    for i in range(select.locator("option").count()):  # every map draws, the screened ones included
+        select.select_option(str(i))
+        assert page.locator(".map-box").first.locator("rect.cell").count() > 0
+    assert errors == [] and requests == []
+
+
 def test_result_report_in_chromium(browser, tmp_path):
     model = tiny_model("gpt2")
     batch = tiny_batch(model)

@@ -196,6 +196,10 @@ def test_a_screen_path_patches_only_its_top_and_sample():
         assert checked.flatten()[top].all()  # the three largest |estimates| are path-patched exactly
         unchecked = screen["largest_unchecked_estimate"]
         assert unchecked is None or unchecked <= estimate.abs().flatten()[top].min()
+    from mechscope.report import render
+
+    page = render(json.loads(write_json(out)))
+    assert "What the screen path-patched" in page and "not path-patched: see the screen below" in page
 
 
 def test_screen_settings_are_checked():

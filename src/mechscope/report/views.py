@@ -60,10 +60,12 @@ def ioi_views(d: dict) -> list[dict]:
     names = {"path_to_name_mover_queries": "Path patching into the name movers' queries",
              "path_to_s_inhibition_values": "Path patching into the S-inhibition heads' values",
              "path_to_induction_keys": "Path patching into the induction heads' keys"}
+    screen = d.get("screen") or {}
     for key, title in names.items():
         if key in inter:
             maps.append(heatmap(inter[key], title, note="Change in logit difference when the sender is patched to "
-                                "its ABC value along this path only (grey: not a sender)."))
+                                "its ABC value along this path only (grey: not a sender" +
+                                (", or not path-patched: see the screen below)." if key in screen else ").")))
     for key, title in (("attention_end_to_IO", "Attention END -> IO"), ("attention_end_to_S1", "Attention END -> S1"),
                        ("attention_end_to_S2", "Attention END -> S2"), ("copy_score", "OV copy score"),
                        ("negative_copy_score", "OV negative copy score"), ("induction_score", "Induction score"),
@@ -94,6 +96,16 @@ def ioi_views(d: dict) -> list[dict]:
     views.append({"type": "table", "title": "Minimality", "rows": minimal,
                   "columns": ["head", "class", "|F(C\\(K+v)) - F(C\\K)|", "relative to F(C)", "K"],
                   "note": "K: none, or the rest of the head's class."})
+    if screen:
+        rows = [[names.get(key, key), x["senders"], f"{x['checked']} + {x['sampled']} sampled",
+                 " ".join(x["sampled_below_tau"]) or "none", x["sample_largest_effect"], x["largest_estimate_error"],
+                 "n/a" if x["largest_unchecked_estimate"] is None else x["largest_unchecked_estimate"]]
+                for key, x in screen.items()]
+        views.append({"type": "table", "title": "What the screen path-patched (--screen atp)", "rows": rows,
+                      "columns": ["step", "senders", "path-patched", "sampled below -tau (missed by the ranking)",
+                                  "largest |effect| sampled", "largest |exact - estimate|", "largest unchecked |estimate|"],
+                      "note": "Path attribution ranked the senders by |estimate|; the top ones and a random sample of "
+                              "the rest were path-patched exactly. Only those can join the circuit."})
     if c:
         tried = [[", ".join(t["removed"]) or "(none)", t["circuit"], t["model"], t["gap"]] for t in c["tried"]]
         views.append({"type": "table", "title": "Completeness: class subsets K tried", "rows": tried,
