@@ -91,16 +91,11 @@ def path_patch(
     recv_names = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}) if not to_logits else []
     runs = runs_for(model, batch, direction, runs)
     inputs, source_cache, target_cache = runs.inputs, runs.source_cache, runs.target_cache
-    source_read, target_read = runs.source_read, runs.target_read  # [batch, d_vocab] each
     one_position = (to_logits or not (isinstance(at, str) and at == "all")) and inputs.resumable
     # Where the receivers read, per prompt: [batch]
     where = batch.read_pos if to_logits or isinstance(at, str) and at == "read" else at
     where = where.to(model.device) if isinstance(where, Tensor) else where
-    name, fn = resolve_metric(metric, target_read if direction == "noise" else source_read)
-    baseline = _mean_metric(fn, target_read[None], batch).item()
-    source_metric = _mean_metric(fn, source_read[None], batch).item()
-    clean_metric, corrupt_metric = (baseline, source_metric) if direction == "noise" else (source_metric, baseline)
-    check_baselines(name, clean_metric, corrupt_metric)
+    name, fn, baseline, clean_metric, corrupt_metric = runs.metric(metric)
 
     wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
     values = torch.full((len(sender_layers), cfg.n_heads), float("nan"), dtype=wide)
@@ -157,6 +152,16 @@ class PathRuns:
     source_cache: ActivationCache
     target_cache: ActivationCache
     inputs: LayerInputs
+
+    def metric(self, metric: str | Metric):
+        """(name, per-prompt function, the target's mean metric, the clean one, the corrupt one), the
+        baselines checked."""
+        name, fn = resolve_metric(metric, self.target_read if self.direction == "noise" else self.source_read)
+        target = _mean_metric(fn, self.target_read[None], self.batch).item()
+        source = _mean_metric(fn, self.source_read[None], self.batch).item()
+        clean, corrupt = (target, source) if self.direction == "noise" else (source, target)
+        check_baselines(name, clean, corrupt)
+        return name, fn, target, clean, corrupt
 
 
 def check_receivers(model: HookedModel, batch: ContrastiveBatch, receivers, receiver_input: str, at):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import Metric, at_positions, check_baselines, resolve_metric
+from mechscope.metrics import Metric, at_positions
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import _mean_metric
 from mechscope.patching.path import PathRuns, check_receivers, runs_for
@@ -65,11 +65,8 @@ def path_attribution(
     if last == 0:
         raise InputError("no head sits before the receivers: choose receivers in a later layer")
     runs = runs_for(model, batch, direction, runs)
-    source, target = batch.source_and_target(direction)
-    name, fn = resolve_metric(metric, runs.target_read if direction == "noise" else runs.source_read)
-    baseline = _mean_metric(fn, runs.target_read[None], batch).item()
-    source_metric = _mean_metric(fn, runs.source_read[None], batch).item()
-    check_baselines(name, *((baseline, source_metric) if direction == "noise" else (source_metric, baseline)))
+    _, target = batch.source_and_target(direction)
+    name, fn, _, clean_metric, corrupt_metric = runs.metric(metric)
 
     recv_names = {} if to_logits else {
         f"blocks.{l}.attn.hook_{receiver_input}": [h for rl, h in receivers if rl == l] for l in {l for l, _ in receivers}}
@@ -87,8 +84,7 @@ def path_attribution(
     labels = {"layer": [str(l) for l in range(last)], "head": [str(h) for h in range(cfg.n_heads)]}
     return PatchResult(
         values=values, axes=("layer", "head"), labels=labels, site="head_z", technique="path attribution",
-        metric=name, direction=direction, clean_metric=baseline if direction == "noise" else source_metric,
-        corrupt_metric=source_metric if direction == "noise" else baseline, model=cfg.model_name,
+        metric=name, direction=direction, clean_metric=clean_metric, corrupt_metric=corrupt_metric, model=cfg.model_name,
         n_prompts=len(batch), seconds=time.perf_counter() - start,
         extra={"receivers": "logits" if to_logits else [f"{l}.{h}" for l, h in receivers],
                "receiver_input": None if to_logits else receiver_input,
