@@ -153,6 +153,7 @@ def _more_configs() -> dict:
     """Families proven by tests/parity/test_families.py alone (the same checks a family must pass,
     without every technique's own tests). Options that could hide a bug are set off their defaults."""
     from transformers import (CohereConfig, Gemma2Config, GemmaConfig, GPTBigCodeConfig, GPTJConfig, GPTNeoConfig, GptOssConfig, GraniteConfig, MistralConfig, MixtralConfig, OlmoConfig,
+                              Olmo2Config, OlmoeConfig,
                               Phi3Config, PhiConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SmolLM3Config,
                               StableLmConfig, Starcoder2Config)
 
@@ -178,6 +179,9 @@ def _more_configs() -> dict:
         "gpt_oss": GptOssConfig(num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                 sliding_window=4, layer_types=["sliding_attention", "full_attention",
                                                                "sliding_attention"], pad_token_id=0, **moe, **common),
+        "olmoe": OlmoeConfig(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                             pad_token_id=0, **moe, **common),
+        "olmo2": Olmo2Config(num_key_value_heads=2, pad_token_id=0, **common),
         "phi": PhiConfig(partial_rotary_factor=0.5, **common),
         "gptj": GPTJConfig(n_embd=64, n_layer=3, n_head=4, n_positions=64, rotary_dim=8, vocab_size=VOCAB,
                            bos_token_id=1, eos_token_id=2),

@@ -173,6 +173,8 @@ class ActivationCache:
             if mlp_input:
                 raise InputError("mlp_input=True needs a layer below n_layers: the final stream feeds the unembedding")
             return a.module(a.final_norm), "ln_final.hook_scale"
+        if a.attn_norm is None:  # OLMo-2: attention and the MLP read the stream itself
+            return None, None
         if mlp_input and a.mlp_norm != a.attn_norm:
             return a.module(a.mlp_norm, layer), f"blocks.{layer}.ln2.hook_scale"
         return a.module(a.attn_norm, layer), f"blocks.{layer}.ln1.hook_scale"  # GPT-J, Phi: one norm for both
@@ -224,6 +226,8 @@ class ActivationCache:
         if has_batch_dim and batch_slice is not None:
             x = _slice(x, batch_slice, 1)
         norm, scale_name = self._norm(layer, mlp_input)
+        if norm is None:  # no norm before this layer (OLMo-2): the layer reads the components as they are
+            return x
         if recompute_ln:
             return norm(x)
         if self.model.adapter.norm_kind.startswith("layernorm"):

@@ -49,6 +49,8 @@ def literal_edge_effect(model, batch, edge: str, delta) -> float:
         if kind == "mlp":
             layer = int(node[1:])
             site = f"blocks.{layer}.mlp.hook_post"
+            if site not in model.hook_names:  # a mixture of experts: what the block adds
+                site = f"blocks.{layer}.hook_mlp_out"
             into = f"blocks.{layer}.hook_resid_pre" if model.cfg.parallel_residual else f"blocks.{layer}.hook_resid_mid"
             head = None
         else:
@@ -93,6 +95,17 @@ def test_eap_is_the_gradient_of_the_edge_mask(model):
     torch.testing.assert_close(eap.values, grad[0], **exact_for(model))
     ig1 = discover(model, batch, method="eap-ig", steps=1, evaluator=ev)
     torch.testing.assert_close(ig1.values, eap.values, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "olmoe"])
+def test_readers_of_families_with_q_and_k_norms_over_all_heads(family):
+    """OLMo-2 (no norm before attention or the MLP; q/k norms over all heads) and OLMoE (the same q/k
+    norms, routed experts): a reader's q and k go through the whole norm, and an MLP reader's input is
+    the MLP's own. Edge patching against the literal reference, EAP against the gradient."""
+    model = HookedModel(tiny_hf(family), byte_tokenizer())
+    with torch.no_grad():
+        test_edge_patching_equals_literal_reference(model)
+    test_eap_is_the_gradient_of_the_edge_mask(model)
 
 
 def test_eap_equals_exact_where_the_model_is_linear_downstream():

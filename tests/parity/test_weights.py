@@ -31,13 +31,15 @@ def test_projections_reproduce_q_k_v(model):
         folded_W, folded_b = w.attention(kind, fold_norm=True)
         for l in range(model.cfg.n_layers):
             x = cache[f"blocks.{l}.hook_resid_pre"]
-            mine = torch.einsum("bpd,hde->bphe", a.module(a.attn_norm, l)(x), W[l]) + b[l]
+            mine = torch.einsum("bpd,hde->bphe", a.pre_norm(l)(x), W[l]) + b[l]  # (no norm: OLMo-2)
             post = a.qkv_projections()[kind][1]
-            if post is not None:  # Qwen3 / Gemma 3: the per-head q/k norm after the projection
+            if post is not None and a.qk_norm_whole:  # OLMo-2, OLMoE: the q/k norm over all heads
+                mine = a.module(post, l)(mine.flatten(-2)).unflatten(-1, mine.shape[-2:])
+            elif post is not None:  # Qwen3 / Gemma 3: the per-head q/k norm after the projection
                 mine = a.module(post, l)(mine)
             torch.testing.assert_close(mine, cache[f"blocks.{l}.attn.hook_{kind}"], **tol)
             if post is None:  # folded: the same from the normalised stream, before the norm's gain and bias
-                scale = cache[f"blocks.{l}.ln1.hook_scale"]
+                scale = cache[f"blocks.{l}.ln1.hook_scale"] if a.attn_norm is not None else 1.0
                 centred = x - x.mean(-1, keepdim=True) if a.norm_kind.startswith("layernorm") else x
                 folded = torch.einsum("bpd,hde->bphe", centred / scale, folded_W[l]) + folded_b[l]
                 torch.testing.assert_close(folded, cache[f"blocks.{l}.attn.hook_{kind}"], **tol)
@@ -80,7 +82,7 @@ def test_mlp_weights_reproduce_the_mlp(model):
     W_in, W_out = w.W_in, w.W_out
     for l in range(model.cfg.n_layers):
         x = cache[f"blocks.{l}.hook_resid_{'pre' if model.cfg.parallel_residual else 'mid'}"]
-        normed = a.module(a.mlp_norm, l)(x)  # [batch, pos, d_model]
+        normed = a.pre_norm(l, mlp=True)(x)  # [batch, pos, d_model] (OLMo-2: the stream itself)
         d_normed = normed - normed[:1, :1]  # differences between tokens: the bias cancels
         for name, W in (("hook_pre", W_in), ("hook_pre_linear", w.W_gate_linear if a.mlp_pre_linear else None)):
             if W is None:

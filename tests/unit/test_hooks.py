@@ -125,9 +125,9 @@ def test_config(model):
 
 def test_a_llama_lookalike_is_refused_not_guessed():
     """Llama's module names do not make a model Llama: OLMo-2 has them and computes something else
-    (measured: its attn_out/mlp_out would miss 10-25% of the residual stream). (Granite, which had the
-    same trouble, has its own adapter now.)"""
-    from transformers import Olmo2Config
+    (measured: its attn_out/mlp_out would miss 10-25% of the residual stream; OLMo-2 and Granite, which
+    had that trouble, have their own adapters now). A family not yet proven is refused with its reason."""
+    from transformers import BloomConfig
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=64, vocab_size=VOCAB)
@@ -135,8 +135,8 @@ def test_a_llama_lookalike_is_refused_not_guessed():
     hf.config.model_type = "some_new_llama_like"
     with pytest.raises(UnsupportedModelError, match="model_type='some_new_llama_like'.*Supported model types"):
         HookedModel(hf)
-    with pytest.raises(UnsupportedModelError, match="norms come after attention"):
-        HookedModel(AutoModelForCausalLM.from_config(Olmo2Config(**small)))
+    with pytest.raises(UnsupportedModelError, match="model_type='bloom'.*written inline"):
+        HookedModel(AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB)))
 
 
 def test_unsupported_architecture():

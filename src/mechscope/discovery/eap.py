@@ -133,7 +133,7 @@ class _Recorder:
                     fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
                 bwd.append((f"blocks.{l}.attn.hook_{kind}", self._keep_grad(kind, l)))
             elif kind == "mlp":
-                norm = model.adapter.module(model.adapter.mlp_norm, l)
+                norm = model.adapter.reader(l, mlp=True)  # the MLP's norm, or the MLP (OLMo-2)
                 handles.append(norm.register_forward_pre_hook(self._tap_mlp(l)))
         self.alpha = alpha
         if alpha is not None:  # eap-ig-activations: every writer's output interpolated

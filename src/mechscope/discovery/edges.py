@@ -104,7 +104,7 @@ class EdgePatcher:
 
         handles = [a.module(a.final_norm).register_forward_pre_hook(stop)]
         for l in range(self.n_layers):  # what each MLP reads (resid_mid, or resid_pre on parallel models)
-            handles.append(a.module(a.mlp_norm, l).register_forward_pre_hook(
+            handles.append(a.reader(l, mlp=True).register_forward_pre_hook(
                 lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0])))
         try:
             with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
@@ -356,7 +356,7 @@ class _RunState:
             if w is not None and self.live_writers[w]:
                 fwd.append((f"blocks.{l}.hook_mlp_out", self._keep_mlp(w)))
             if ("mlp", l) in by_site:
-                norm = model.adapter.module(model.adapter.mlp_norm, l)
+                norm = model.adapter.reader(l, mlp=True)  # the MLP's norm, or the MLP (OLMo-2)
                 handles.append(norm.register_forward_pre_hook(self._replace_mlp_input(by_site[("mlp", l)][0][0])))
         try:
             with model.hooks(fwd_hooks=fwd):

@@ -3,7 +3,9 @@
 A layer's heads all read one stream through one norm. To give each head its own input (an ablated
 edge changes what one reader sees), each input goes through its own copy of the norm (the norm
 module itself, on [..., reader, d_model]) and then through that head's slice of the projection, and,
-on Gemma, the per-head q/k norm. The slices are read from the projection module itself: it is
+on Gemma, the per-head q/k norm. Where a q/k norm spans all heads (OLMo-2, OLMoE), a reader's q is
+that norm applied to every head's projection of its input, of which it keeps its own head's: a
+projection as wide as the layer's per reader. The slices are read from the projection module itself: it is
 affine, so its value on the zero vector is its bias and on the unit vectors its weight; that works
 for every layout (separate, fused, interleaved per head) through the adapter's lens, and is checked
 against the module on a random input.
@@ -24,7 +26,7 @@ class HeadInputs:
     def __init__(self, model: HookedModel):
         self.model = model
         a = model.adapter
-        self._norms = [a.module(a.attn_norm, l) for l in range(model.cfg.n_layers)]
+        self._norms = [a.pre_norm(l) for l in range(model.cfg.n_layers)]  # (the identity on OLMo-2)
         self._proj: dict[tuple[int, str], tuple[Tensor, Tensor, nn.Module | None]] = {}
 
     def projection(self, layer: int, kind: str) -> tuple[Tensor, Tensor, nn.Module | None]:
@@ -42,7 +44,13 @@ class HeadInputs:
         """One head per row: x [..., n, batch, pos, d_model], row i read by head heads[i] ->
         [..., n, batch, pos, d_head]."""
         weight, bias, post = self.projection(layer, kind)
-        normed = self._norms[layer].forward(x)  # [..., n, batch, pos, d_model]
+        normed = self._norms[layer](x)  # [..., n, batch, pos, d_model]
+        if self.model.adapter.qk_norm_whole and post is not None:
+            every = torch.einsum("...nbpd,hde->...nbphe", normed, weight) + bias  # [..., n, batch, pos, head, d_head]
+            every = post.forward(every.flatten(-2)).unflatten(-1, bias.shape)  # the norm over all heads
+            rows = torch.arange(len(heads), device=x.device)
+            every = every.movedim(-2, -4)  # [..., n, head, batch, pos, d_head]
+            return every[..., rows, heads.to(x.device), :, :, :]  # [..., n, batch, pos, d_head]: row i, head heads[i]
         w, b = weight[heads.to(weight.device)], bias[heads.to(bias.device)]  # [n, d_model, d_head], [n, d_head]
         out = torch.einsum("...nbpd,nde->...nbpe", normed, w) + b[:, None, None]  # [..., n, batch, pos, d_head]
         return out if post is None else post.forward(out)
@@ -52,7 +60,12 @@ class HeadInputs:
 
         x: [..., len(heads), d_model] residual streams (before the norm) -> [..., len(heads), d_head]."""
         weight, bias, post = self.projection(layer, kind)
-        normed = self._norms[layer].forward(x)  # [..., n, d_model]: the layer's own norm, one copy per reader
+        normed = self._norms[layer](x)  # [..., n, d_model]: the layer's own norm, one copy per reader
         idx = torch.tensor(heads, device=x.device)
+        if self.model.adapter.qk_norm_whole and post is not None:
+            every = torch.einsum("...nd,hde->...nhe", normed, weight) + bias  # [..., n, head, d_head]
+            every = post.forward(every.flatten(-2)).unflatten(-1, bias.shape)  # the norm over all heads
+            rows = torch.arange(len(heads), device=x.device)
+            return every[..., rows, idx, :]  # [..., n, d_head]: reader i keeps head heads[i]
         out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module

@@ -133,7 +133,7 @@ class ResidMidSite:
 
     layer: nn.Module
     attn_out: ModuleSite
-    mlp_norm: nn.Module
+    mlp_norm: nn.Module  # what reads resid_mid: the MLP's norm (or the MLP, where no norm comes first)
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         stash: dict[str, torch.Tensor] = {}
@@ -197,12 +197,16 @@ class HeadInputSite:
     """TransformerLens's `hook_q_input|k_input|v_input`: each head's own copy of the stream its query
     (key, value) reads, [batch, pos, head, d_model] (k and v per key/value head), before the attention
     norm. Read, it is resid_pre repeated; written, each head's q (k, v) is computed from its own copy
-    through the attention norm and the projection (the model's own modules), and nothing else moves."""
+    through the attention norm and the projection (the model's own modules), and nothing else moves.
+    Where a q/k norm spans all heads (OLMo-2, OLMoE), each copy goes through it too, and the site
+    writes that norm's output."""
 
-    norm: nn.Module  # the attention norm, whose input is resid_pre
+    reader: nn.Module  # the attention norm (or attention itself, where no norm comes first): its input is resid_pre
+    norm: Callable[[torch.Tensor], torch.Tensor]  # that norm's forward (the identity where there is none)
     proj: nn.Module  # the projection whose output holds this kind's heads
     lens: Lens  # projection output -> [batch, pos, head, d_head]
     n_heads: int
+    whole_norm: nn.Module | None = None  # a q/k norm over all heads' projections, applied after `proj`
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
         stash: dict[str, torch.Tensor] = {}
@@ -218,12 +222,15 @@ class HeadInputSite:
                 return None
             b, p, h, d = new.shape
             per_head = new.permute(2, 0, 1, 3).reshape(h * b, p, d)  # every head's copy as a prompt
-            heads = self.lens.get(self.proj.forward(self.norm.forward(per_head)))  # [head * batch, pos, head, d_head]
+            projected = self.proj.forward(self.norm(per_head))  # [head * batch, pos, head * d_head]
+            if self.whole_norm is not None:
+                projected = self.whole_norm.forward(projected)
+            heads = self.lens.get(projected)  # [head * batch, pos, head, d_head]
             own = heads.view(h, b, p, h, -1).diagonal(dim1=0, dim2=3)  # [batch, pos, d_head, head]
             return self.lens.put(out, own.permute(0, 1, 3, 2))  # head h's q from head h's copy
 
-        _pre_hook(att, self.norm, grab)
-        _forward_hook(att, self.proj, on_proj)
+        _pre_hook(att, self.reader, grab)
+        _forward_hook(att, self.proj if self.whole_norm is None else self.whole_norm, on_proj)
 
 
 @dataclass(frozen=True)
@@ -321,10 +328,11 @@ def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[
         if a.rotary:
             for which in "qk":
                 sites[b + f"attn.hook_rot_{which}"] = (RotarySite(a.module(a.attn, l), switch, which), l)
-        for name, (proj, _) in a.qkv_projections().items():
+        for name, (proj, post) in a.qkv_projections().items():
             n_heads = cfg.n_heads if name == "q" else cfg.n_kv_heads
-            sites[b + f"hook_{name}_input"] = (HeadInputSite(a.module(a.attn_norm, l), a.module(proj.path, l), proj.lens,
-                                                             n_heads), l)
+            whole = a.module(post, l) if post is not None and a.qk_norm_whole else None
+            sites[b + f"hook_{name}_input"] = (HeadInputSite(a.reader(l), a.pre_norm(l), a.module(proj.path, l),
+                                                             proj.lens, n_heads, whole), l)
         attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
         sites[b + "attn.hook_attn_scores"] = (EagerSite(a.module(a.attn, l), attn_switch, "scores"), l)
         sites[b + "attn.hook_pattern"] = (EagerSite(a.module(a.attn, l), attn_switch, "pattern"), l)
@@ -332,9 +340,10 @@ def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
         sites[b + "hook_attn_out"] = (attn_out, l)
         if not cfg.parallel_residual:
-            sites[b + "hook_resid_mid"] = (ResidMidSite(layer, attn_out, a.module(a.mlp_norm, l)), l)
-        sites[b + "ln1.hook_scale"] = (ScaleSite(a.module(a.attn_norm, l), a.norm_kind), l)
-        if a.mlp_norm != a.attn_norm:  # (GPT-J and Phi: attention and MLP read one norm)
+            sites[b + "hook_resid_mid"] = (ResidMidSite(layer, attn_out, a.reader(l, mlp=True)), l)
+        if a.attn_norm is not None:  # (OLMo-2 has no norm before attention or the MLP)
+            sites[b + "ln1.hook_scale"] = (ScaleSite(a.module(a.attn_norm, l), a.norm_kind), l)
+        if a.mlp_norm not in (None, a.attn_norm):  # (GPT-J and Phi: attention and MLP read one norm)
             sites[b + "ln2.hook_scale"] = (ScaleSite(a.module(a.mlp_norm, l), a.norm_kind), l)
         if a.is_moe(l):  # experts run fused inside the block: its routing is the site
             sites[b + "mlp.hook_router"] = (RouterSite(a.module(a.moe_block, l), a.module(a.router, l),

@@ -112,6 +112,10 @@ class Weights:
         a = self.adapter
         gains, shifts = [], []
         for l in range(self.cfg.n_layers):
+            if a.attn_norm is None:  # OLMo-2: attention reads the stream itself
+                gains.append(torch.ones(self.cfg.d_model).to(w))
+                shifts.append(torch.zeros_like(gains[-1]))
+                continue
             norm = a.module(a.attn_norm, l)
             gains.append(norm_weight(a.norm_kind, norm).detach().to(w))
             beta = param(norm, "bias")

@@ -21,8 +21,6 @@ ADAPTERS: tuple[type[Adapter], ...] = (GPT2Adapter, NeoXAdapter, LlamaAdapter, G
 
 # Families that look like a supported one but compute something else: why each is refused.
 NOT_YET = {
-    "olmo2": "its norms come after attention and the MLP (not before), and its q/k norms span all heads",
-    "olmoe": "its q/k norms span all heads together (as OLMo-2's), so a head's q is not its own projection's",
     "opt": "its MLP runs on the stream flattened to [batch * pos, d_model], so its sites have no position axis",
     "bloom": "its attention (ALiBi, q/k/v interleaved per head) is written inline in its forward, neither Hugging "
              "Face's pluggable kind nor a method to wrap, so hook_pattern cannot be read there",

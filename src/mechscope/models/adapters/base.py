@@ -90,8 +90,9 @@ class Adapter:
     attn: ClassVar[str]
     out_proj: ClassVar[str]  # attention output projection; its input is hook_z
     down_proj: ClassVar[str]  # MLP output projection; its input is mlp.hook_post
-    attn_norm: ClassVar[str]  # the norm before attention; its input is resid_pre
-    mlp_norm: ClassVar[str | None]  # the norm before the MLP; its input is resid_mid
+    attn_norm: ClassVar[str | None]  # the norm before attention; its input is resid_pre (None: OLMo-2 has none)
+    mlp_norm: ClassVar[str | None]  # the norm before the MLP; its input is resid_mid (None: OLMo-2 has none)
+    mlp_block: ClassVar[str] = "mlp"  # the MLP module: what reads resid_mid where no norm comes before it
     attn_post_norm: ClassVar[str | None] = None  # Gemma's norm between attention and the add
     mlp_post_norm: ClassVar[str | None] = None  # Gemma's norm between the MLP and the add
     attn_out: ClassVar[Place]  # what attention adds to the residual stream
@@ -103,6 +104,10 @@ class Adapter:
     # Whether a patched run may start at a position over recorded keys and values (patching/resume.py):
     # not where the attention masks itself by a buffer aligned to the last query (GPT-Neo's windows).
     resumes_at_a_position: ClassVar[bool] = True
+    # Whether the q/k norms after the projections (qkv_projections' second entry) normalize all heads
+    # together (OLMo-2, OLMoE), not each head alone (Gemma 3, Qwen3): then a head's q depends on every
+    # head's projection of its input.
+    qk_norm_whole: ClassVar[bool] = False
     moe_block: ClassVar[str | None] = None  # mixture of experts: the block (the MLP node) ...
     router: ClassVar[str | None] = None  # ... and its router, on layers that have one
 
@@ -120,9 +125,10 @@ class Adapter:
         raise NotImplementedError
 
     def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
-        """For edge discovery: where q, k, v are an affine function of the attention norm's output
-        (the projection, read per head), and the module applied after it per head (Gemma's q/k
-        norms), or None. By default the hook sites themselves."""
+        """For edge discovery and hook_q|k|v_input: where q, k, v are an affine function of the
+        attention norm's output (the projection, read per head), and the module applied after it
+        (the q/k norms: per head on Gemma 3, on all heads at once where `qk_norm_whole`), or None. By
+        default the hook sites themselves."""
         return {name: (place, None) for name, place in self.qkv().items()}
 
     def parallel_residual(self) -> bool:
@@ -149,6 +155,18 @@ class Adapter:
 
     def layer_modules(self) -> nn.ModuleList:
         return self.hf.get_submodule(self.layers)
+
+    def reader(self, layer: int, mlp: bool = False) -> nn.Module:
+        """The module whose input is the stream that attention (or the MLP) reads: the norm before it,
+        or the sublayer itself where it has none (OLMo-2). Pre-hooks there see and replace that stream."""
+        path = self.mlp_norm if mlp else self.attn_norm
+        return self.module(path if path is not None else self.mlp_block if mlp else self.attn, layer)
+
+    def pre_norm(self, layer: int, mlp: bool = False):
+        """What happens to the stream before attention (or the MLP) reads it: the norm module's own
+        forward (no hooks run), or nothing where the family has no norm there (OLMo-2)."""
+        path = self.mlp_norm if mlp else self.attn_norm
+        return _unchanged if path is None else self.module(path, layer).forward
 
     # ---- weights ----------------------------------------------------------------------------
     def W_O(self, layer: int) -> torch.Tensor:
@@ -252,6 +270,10 @@ class Adapter:
             n_ctx=getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", 0),
             parallel_residual=self.parallel_residual(),
         )
+
+
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _is_conv1d(module: nn.Module) -> bool:

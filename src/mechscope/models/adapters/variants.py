@@ -151,6 +151,48 @@ class GraniteAdapter(LlamaAdapter):
         return 1.0 / self.hf.config.logits_scaling
 
 
+class OlmoeAdapter(MixtralAdapter):
+    """OLMoE: Mixtral's routed experts with RMSNorms on q and k that span all heads at once (after the
+    projections, before rotary): `hook_q|k` are those norms' outputs per head, and a head's q depends
+    on every head's projection (`qk_norm_whole`: hook_q_input and edge readers pass each head's
+    input through the whole norm)."""
+
+    family = "olmoe"
+    model_types = ("olmoe",)
+    qk_norm_whole = True
+
+    def check(self) -> None:
+        if self.hf.config.clip_qkv is not None:
+            raise UnsupportedModelError("OLMoE with clip_qkv is not supported yet: it clamps q, k and v in place "
+                                        "after hook_q|k|v have read them")
+
+    def qkv(self) -> dict[str, Place]:
+        d = self.cfg.d_head
+        return {"q": Place("self_attn.q_norm", heads(d)), "k": Place("self_attn.k_norm", heads(d)),
+                "v": Place("self_attn.v_proj", heads(d))}
+
+    def qkv_projections(self) -> dict[str, tuple[Place, str | None]]:
+        d = self.cfg.d_head
+        return {"q": (Place("self_attn.q_proj", heads(d)), "self_attn.q_norm"),
+                "k": (Place("self_attn.k_proj", heads(d)), "self_attn.k_norm"),
+                "v": (Place("self_attn.v_proj", heads(d)), None)}
+
+
+class Olmo2Adapter(Gemma3Adapter):
+    """OLMo-2: no norm before attention or the MLP (each reads the residual stream itself, so there is
+    no ln1/ln2.hook_scale), RMSNorms after them as Gemma 3's post-norms (`hook_attn_out|mlp_out` are
+    their outputs, heads share the post-norm's scale), and q/k norms over all heads as OLMoE's."""
+
+    family = "olmo2"
+    model_types = ("olmo2",)
+    norm_kind = "rmsnorm"
+    attn_norm = None
+    mlp_norm = None
+    qk_norm_whole = True
+    qkv = OlmoeAdapter.qkv
+    qkv_projections = OlmoeAdapter.qkv_projections
+
+
 class GptOssAdapter(MixtralAdapter):
     """GPT-OSS: Mixtral's layout with biases, a learned attention sink per head, and a clamped SwiGLU
     in its experts. The sink takes a share of each query's softmax: `hook_pattern` rows sum to less
@@ -165,4 +207,4 @@ class GptOssAdapter(MixtralAdapter):
 
 VARIANTS = (Qwen3Adapter, GemmaAdapter, Starcoder2Adapter, StableLmAdapter, Phi3Adapter, SmolLM3Adapter,
             MixtralAdapter, Qwen2MoeAdapter, Qwen3MoeAdapter, OlmoAdapter, GraniteAdapter,
-            GptOssAdapter)
+            GptOssAdapter, OlmoeAdapter, Olmo2Adapter)
