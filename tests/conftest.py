@@ -285,6 +285,14 @@ def gemma3():
     return mechscope.load_model("gemma3-270m")
 
 
+@pytest.fixture(scope="session")
+def qwen_coder():
+    """The zoo's largest model (0.5B parameters, untied unembedding): the scale check of the families."""
+    import mechscope
+
+    return mechscope.load_model("qwen2.5-coder-0.5b")
+
+
 @pytest.fixture
 def make_read_only():
     """`make_read_only(folder)`: a folder no one can write into, root included (root ignores file

@@ -1,5 +1,6 @@
 """Real models from the offline zoo: logits equal plain `transformers`, hooks hold at full size, and
-the models do IOI. The first run fetches the models (about 20 s and 60 s); later runs load in seconds."""
+the models do IOI. The first run fetches the models (about 20 s, 60 s and 100 s); later runs load in
+seconds."""
 
 import pytest
 import torch
@@ -39,6 +40,33 @@ def test_gemma_logits_equal_plain_transformers_on_the_zoo_files(gemma3):
     _assert_logits_equal_plain(gemma3, plain)
 
 
+def test_qwen_coder_logits_equal_plain_transformers_on_the_zoo_files(qwen_coder):
+    """The third zoo model: Qwen2 with grouped-query attention (14 heads, 2 key/value heads), biases on
+    q, k, v and an output matrix of its own (not tied to the embeddings)."""
+    cfg = qwen_coder.cfg
+    assert (cfg.family, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_model) == ("llama", 24, 14, 2, 896)
+    hf = qwen_coder.hf
+    assert hf.get_output_embeddings().weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    plain = AutoModelForCausalLM.from_pretrained(zoo.model_dir("qwen2.5-coder-0.5b") / "hf").eval()
+    _assert_logits_equal_plain(qwen_coder, plain)
+
+
+def test_attribution_patching_over_every_head_of_the_largest_model(qwen_coder):
+    """AtP over all 24 x 14 heads from one forward and backward; the head it ranks first, patched
+    exactly, moves the logit difference the way AtP says (a linear estimate of a real effect)."""
+    from mechscope.patching import activation_patch, attribution_patch
+    from mechscope.tasks import ContrastiveBatch, ioi
+
+    batch = ContrastiveBatch.from_records(qwen_coder, ioi(8, seed=4, model=qwen_coder))
+    with torch.enable_grad():
+        atp = attribution_patch(qwen_coder, batch, sites=["head_z"])["head_z"].values  # [layer, head]
+    assert atp.shape == (24, 14) and atp.isfinite().all()
+    layer, head = divmod(int(atp.abs().argmax()), 14)
+    with torch.no_grad():
+        exact = activation_patch(qwen_coder, batch, site="head_z", layers=[layer], heads=[head]).values  # [1, 1]
+    assert exact.item() * atp[layer, head].item() > 0 and abs(exact.item()) > 0.05
+
+
 def test_load_a_gguf_file_directly(smollm2):
     """A .gguf path loads its dequantized copy, found by the file's sha256 (here: the zoo's own copy of
     this very file, so nothing is converted twice); transformers' own GGUF reader on the file is the
@@ -57,7 +85,7 @@ def test_load_a_gguf_file_directly(smollm2):
     _assert_logits_equal_plain(smollm2, plain)  # plain transformers reading the GGUF itself
 
 
-@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3", "qwen_coder"])
 def test_prefers_the_indirect_object(fixture, request):
     model = request.getfixturevalue(fixture)
     logits = _logits(model, PROMPTS)
@@ -70,7 +98,7 @@ def test_prefers_the_indirect_object(fixture, request):
     assert sum(diffs) / len(diffs) > 1.5, diffs
 
 
-@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3", "qwen_coder"])
 def test_hooks_on_the_real_model(fixture, request):
     model = request.getfixturevalue(fixture)
     cfg = model.cfg

