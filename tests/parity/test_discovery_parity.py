@@ -97,11 +97,14 @@ def test_eap_is_the_gradient_of_the_edge_mask(model):
     torch.testing.assert_close(ig1.values, eap.values, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["olmo2", "olmoe"])
-def test_readers_of_families_with_q_and_k_norms_over_all_heads(family):
-    """OLMo-2 (no norm before attention or the MLP; q/k norms over all heads) and OLMoE (the same q/k
-    norms, routed experts): a reader's q and k go through the whole norm, and an MLP reader's input is
-    the MLP's own. Edge patching against the literal reference, EAP against the gradient."""
+@pytest.mark.parametrize("family", ["olmo2", "olmoe", "opt", "bloom", "falcon-new"])
+def test_readers_of_families_that_read_differently(family):
+    """OLMo-2 (no norm before attention or the MLP; q/k norms over all heads), OLMoE (the same q/k
+    norms, routed experts), OPT (its MLP and the norm before it see the stream flattened to
+    [batch * pos, d_model]), BLOOM (q|k|v interleaved per head, ALiBi, a norm on the embeddings) and
+    Falcon's new architecture (grouped q|k|v, a norm each for attention and the MLP): a reader's q and
+    k go through the whole norm, an MLP reader's input is the MLP's own, and a flattened one is
+    unflattened. Edge patching against the literal reference, EAP against the gradient."""
     model = HookedModel(tiny_hf(family), byte_tokenizer())
     with torch.no_grad():
         test_edge_patching_equals_literal_reference(model)

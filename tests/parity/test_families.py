@@ -77,7 +77,7 @@ def test_every_hook_reads_what_the_module_computes(pair):
                                        norm(pre), **tol)
         mlp = a.module(a.down_proj.rsplit(".", 1)[0], l) if "." in a.down_proj else None
         if mlp is not None and f"blocks.{l}.mlp.hook_pre" in model.hook_names:
-            act = next(getattr(mlp, n) for n in ("act_fn", "act", "activation_fn") if hasattr(mlp, n))
+            act = next(getattr(mlp, n) for n in ("act_fn", "act", "activation_fn", "gelu_impl") if hasattr(mlp, n))
             post = act(cache[f"blocks.{l}.mlp.hook_pre"])
             if a.mlp_pre_linear is not None:
                 post = post * cache[f"blocks.{l}.mlp.hook_pre_linear"]
@@ -195,6 +195,25 @@ def test_writes_act_and_in_place_edits_equal_returned_ones(pair):
         edited = model.run_with_hooks(TOKENS, fwd_hooks=[(name, in_place)])
         assert not torch.allclose(returned, base), name
         assert torch.equal(edited, returned), name
+
+
+def test_backward_hooks_see_the_gradient_of_what_a_site_adds_to(pair):
+    """hook_attn_out and hook_mlp_out are added to the stream as they are: their gradients are those of
+    the stream they are added to (resid_mid or resid_post), through flattened sites (OPT's MLP),
+    scaled ones (Granite's) and post-norms alike."""
+    _, model = pair
+    seen = {}
+
+    def keep(grad, hook):
+        seen[hook.name] = grad.clone()
+
+    names = ["blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
+    mid = "blocks.1.hook_resid_post" if model.cfg.parallel_residual else "blocks.1.hook_resid_mid"
+    with torch.enable_grad():
+        model.run_with_hooks(TOKENS, bwd_hooks=[(n, keep) for n in {*names, mid}]).pow(2).sum().backward()
+    torch.testing.assert_close(seen["blocks.1.hook_mlp_out"], seen["blocks.1.hook_resid_post"], **exact_for(model))
+    torch.testing.assert_close(seen["blocks.1.hook_attn_out"], seen[mid], **exact_for(model))
+    assert seen["blocks.1.hook_mlp_out"].shape == (*TOKENS.shape, model.cfg.d_model)
 
 
 def test_patching_equals_the_naive_reference_and_attribution_runs(pair):

@@ -201,3 +201,20 @@ def test_in_place_edits_take_effect_as_returned_ones(model, tokens):
     names = [n for n in names if not n.endswith(EAGER_SITES)]  # eager attention rounds otherwise
     assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(n, read) for n in names]), base)
     assert len(seen) == len(names)
+
+
+def test_resid_mid_carries_an_edit_of_attn_out_whatever_order_the_hooks_came_in(model, tokens):
+    """Zeroing attention's output makes resid_mid equal resid_pre, seen by a resid_mid hook attached
+    before or after the edit, and the MLP reads it: both orders give one result. (A resid_mid that
+    was read at attention's output missed edits hooked after it: the MLP read the unedited stream.)"""
+    if model.cfg.parallel_residual:
+        pytest.skip("no resid_mid with a parallel residual stream")
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre"])
+    results = []
+    for order in (1, -1):
+        seen = {}
+        hooks = [("blocks.1.hook_attn_out", lambda act, hook: torch.zeros_like(act)),
+                 ("blocks.1.hook_resid_mid", lambda act, hook: seen.setdefault("mid", act.clone()))][::order]
+        results.append(model.run_with_hooks(tokens, fwd_hooks=hooks))
+        assert torch.equal(seen["mid"], cache["blocks.1.hook_resid_pre"])
+    assert torch.equal(results[0], results[1])

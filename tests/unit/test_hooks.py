@@ -126,8 +126,9 @@ def test_config(model):
 def test_a_llama_lookalike_is_refused_not_guessed():
     """Llama's module names do not make a model Llama: OLMo-2 has them and computes something else
     (measured: its attn_out/mlp_out would miss 10-25% of the residual stream; OLMo-2 and Granite, which
-    had that trouble, have their own adapters now). A family not yet proven is refused with its reason."""
-    from transformers import BloomConfig
+    had that trouble, have their own adapters now). Options a family's tests do not cover are refused
+    with the reason."""
+    from transformers import FalconConfig
 
     small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=64, vocab_size=VOCAB)
@@ -135,15 +136,28 @@ def test_a_llama_lookalike_is_refused_not_guessed():
     hf.config.model_type = "some_new_llama_like"
     with pytest.raises(UnsupportedModelError, match="model_type='some_new_llama_like'.*Supported model types"):
         HookedModel(hf)
-    with pytest.raises(UnsupportedModelError, match="model_type='bloom'.*written inline"):
-        HookedModel(AutoModelForCausalLM.from_config(BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB)))
+    with pytest.raises(UnsupportedModelError, match="Falcon with ALiBi"):
+        HookedModel(AutoModelForCausalLM.from_config(FalconConfig(hidden_size=32, num_hidden_layers=2,
+                                                                  num_attention_heads=4, alibi=True, vocab_size=VOCAB)))
 
 
 def test_unsupported_architecture():
-    hf = AutoModelForCausalLM.from_config(OPTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                    ffn_dim=64, vocab_size=VOCAB, word_embed_proj_dim=32))
-    with pytest.raises(UnsupportedModelError, match=r"OPTForCausalLM.*gpt2.*llama.*adapters/<family>.py"):
+    from transformers import CodeGenConfig
+
+    hf = AutoModelForCausalLM.from_config(CodeGenConfig(n_embd=32, n_layer=1, n_head=2, rotary_dim=8, vocab_size=VOCAB))
+    with pytest.raises(UnsupportedModelError, match=r"CodeGenForCausalLM.*gpt2.*llama.*adapters/<family>.py"):
         HookedModel(hf)
+
+
+def test_options_a_family_test_does_not_cover_are_refused():
+    """OPT-350m puts its norms after the sublayers and projects its embeddings: not what OPT's family
+    tests prove, so it is refused with the reason (OPT 125m and 1.3b up are supported)."""
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64, vocab_size=VOCAB)
+    with pytest.raises(UnsupportedModelError, match="norms after the sublayers"):
+        HookedModel(AutoModelForCausalLM.from_config(OPTConfig(do_layer_norm_before=False, **small)))
+    with pytest.raises(UnsupportedModelError, match="word_embed_proj_dim"):
+        HookedModel(AutoModelForCausalLM.from_config(OPTConfig(word_embed_proj_dim=16, **small)))
+    assert HookedModel(AutoModelForCausalLM.from_config(OPTConfig(word_embed_proj_dim=32, **small))).cfg.family == "opt"
 
 
 def test_tokens_helpers():

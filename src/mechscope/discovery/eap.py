@@ -158,7 +158,8 @@ class _Recorder:
     def _tap_mlp(self, layer):
         def hook(module, args):
             x = args[0].view_as(args[0])  # a node of its own: its gradient is the MLP path's only
-            x.register_hook(lambda g: self.grads.__setitem__(("mlp", layer), g.detach()))
+            pos = self.p.batch.clean.shape[1]  # (OPT's MLP sees [batch * pos, d_model]: unflattened here)
+            x.register_hook(lambda g: self.grads.__setitem__(("mlp", layer), g.detach().view(-1, pos, g.shape[-1])))
             return (x, *args[1:])
         return hook
 

@@ -104,8 +104,8 @@ class EdgePatcher:
 
         handles = [a.module(a.final_norm).register_forward_pre_hook(stop)]
         for l in range(self.n_layers):  # what each MLP reads (resid_mid, or resid_pre on parallel models)
-            handles.append(a.reader(l, mlp=True).register_forward_pre_hook(
-                lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0])))
+            handles.append(a.reader(l, mlp=True).register_forward_pre_hook(  # (OPT's is flattened: unflatten it)
+                lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0].view(len(tokens), -1, args[0].shape[-1]))))
         try:
             with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
                 self.model.hf(input_ids=tokens, use_cache=False)
@@ -408,7 +408,7 @@ class _RunState:
         def hook(module, args):
             pairs = self.pairs([atom])  # [pairs, 2]
             x = args[0].clone()  # [k * batch, pos, d_model]
-            view = self._view(x)  # [k, batch, pos, d_model]
+            view = x.view(self.k, len(self.p.batch), -1, x.shape[-1])  # [k, batch, pos, d_model] (OPT's: flattened)
             view[pairs[:, 0]] = self.reader_inputs([atom], pairs, view[pairs[:, 0]])
             return (x, *args[1:])
         return hook

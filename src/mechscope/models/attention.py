@@ -63,23 +63,33 @@ def _pattern_attention(module, query, key, value, attention_mask, **kwargs):
     return out, weights
 
 
-def _with_scores(eager, hooks, *args, **kwargs):
+def _with_scores(eager, hooks, *args, pattern_hooks=(), **kwargs):
     """The family's eager attention with `hook_attn_scores` hooks run on the input of its softmax:
-    the scores as it computes them (scaled, soft-capped where the family caps, masked). Every
-    family's eager attention takes exactly one `nn.functional.softmax`, over the keys; it is
-    intercepted for the length of this one call, and a family that never calls it is refused."""
+    the scores as it computes them (scaled, soft-capped where the family caps, masked), and
+    `pattern_hooks` on its output (for attention written inline, where that output is what the
+    values are weighted by). Every family's eager attention takes exactly one
+    `nn.functional.softmax`, over the keys; it is intercepted for the length of this one call, and a
+    family that never calls it is refused."""
     import torch.nn.functional as F
 
     softmax, seen = F.softmax, []
 
     def scored(scores, *a, **k):
-        if not seen:  # the attention scores, [batch, head, q_pos, k_pos]
-            seen.append(scores.shape)
-            for fn, point, backward in list(hooks):
-                new = _run(fn, point, scores, backward)
-                if new is not None:
-                    scores = new
-        return softmax(scores, *a, **k)
+        if seen:
+            return softmax(scores, *a, **k)
+        seen.append(scores.shape)  # the attention scores, [batch, head, q_pos, k_pos]
+        for fn, point, backward in list(hooks):
+            new = _run(fn, point, scores, backward)
+            if new is not None:
+                scores = new
+        weights = softmax(scores, *a, **k)  # the pattern, [batch, head, q_pos, k_pos]
+        if pattern_hooks:  # seen in the model's dtype (BLOOM's float32 softmax is cast to it right after)
+            weights = weights.to(scores.dtype)
+        for fn, point, backward in list(pattern_hooks):
+            new = _run(fn, point, weights, backward)
+            if new is not None:
+                weights = new
+        return weights
 
     F.softmax = scored
     try:
@@ -131,6 +141,38 @@ class MethodSwitch:
             return out, weights
 
         self.module.__dict__[self.method] = hooked
+
+
+class InlineSwitch:
+    """For a family whose attention is written inline in its module's forward (Bloom, Falcon), neither
+    Hugging Face's pluggable kind nor a method to wrap: while a pattern or the scores of this one module
+    are hooked, its forward runs with its one softmax intercepted (`_with_scores`): the scores hooks
+    on the softmax's input, the pattern hooks on its output, which the forward then uses as its own.
+    `eager`: the model's AttentionSwitch, for a family that takes that inline path only in eager mode
+    (Falcon's SDPA branch never forms the pattern)."""
+
+    def __init__(self, module: nn.Module, eager: "AttentionSwitch | None" = None):
+        self.module, self.eager, self.count = module, eager, 0
+
+    def acquire(self, kind: str = "pattern") -> None:
+        if self.eager is not None:
+            self.eager.acquire(kind)
+        if self.count == 0:
+            module, original = self.module, type(self.module).forward
+
+            def hooked(*args, **kwargs):
+                return _with_scores(original, module.__dict__.get("_mechscope_score_hooks", ()), module, *args,
+                                    pattern_hooks=module.__dict__.get("_mechscope_pattern_hooks", ()), **kwargs)
+
+            module.__dict__["forward"] = hooked
+        self.count += 1
+
+    def release(self, kind: str = "pattern") -> None:
+        self.count -= 1
+        if self.count == 0:
+            del self.module.__dict__["forward"]
+        if self.eager is not None:
+            self.eager.release(kind)
 
 
 class AttentionSwitch:

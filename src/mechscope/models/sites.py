@@ -128,34 +128,49 @@ class ModuleSite:
 
 @dataclass(frozen=True)
 class ResidMidSite:
-    """resid_pre + attn_out. Read exactly; a written value reaches the MLP's norm exactly and the
-    residual stream as resid_pre + (value - resid_pre), i.e. to within one rounding."""
+    """resid_pre + attn_out, read where the MLP's norm (or the MLP) takes it: after every edit to what
+    attention added, whatever order the hooks were attached in. That tensor is also what the layer
+    adds the MLP's output to, so a written value is copied into it: the MLP and the residual stream
+    both carry it exactly. A backward hook sees its whole gradient (through the MLP and around it)."""
 
-    layer: nn.Module
-    attn_out: ModuleSite
-    mlp_norm: nn.Module  # what reads resid_mid: the MLP's norm (or the MLP, where no norm comes first)
+    reader: nn.Module  # the MLP's norm, or the MLP where no norm comes first (OLMo-2)
 
     def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
-        stash: dict[str, torch.Tensor] = {}
-
-        def grab_resid_pre(m, args, kwargs):
-            stash["pre"] = IN.get((args, kwargs))
-
-        def on_attn_out(m, args, out):
-            attn_out = self.attn_out.lens.get(out)  # [batch, pos, d_model]
-            pre = stash.pop("pre")
-            new = _run(fn, point, pre + attn_out, backward)
-            if new is None:
+        def on_reader(m, args, kwargs):
+            mid = IN.get((args, kwargs))  # [batch, pos, d_model] (OPT's is flattened: FlatSite shows it whole)
+            if backward:
+                if torch.is_grad_enabled() and mid.requires_grad:
+                    mid.register_hook(lambda grad: fn(grad, point))
                 return None
-            stash["mid"] = new
-            return self.attn_out.lens.put(out, new - pre)
+            new = _run(fn, point, mid.clone(), backward)  # a copy: in-place edits act
+            if new is not None:
+                mid.copy_(new)  # the very tensor the residual stream goes on with
+            return None
 
-        def into_mlp_norm(m, args, kwargs):
-            return IN.put((args, kwargs), stash.pop("mid")) if "mid" in stash else None
+        _pre_hook(att, self.reader, on_reader)
 
-        _pre_hook(att, self.layer, grab_resid_pre)
-        _forward_hook(att, self.attn_out.module, on_attn_out)
-        _pre_hook(att, self.mlp_norm, into_mlp_norm)
+
+@dataclass(frozen=True)
+class FlatSite:
+    """A site whose module sees the stream flattened to [batch * pos, ...] (OPT's MLP and its norm):
+    hooks see [batch, pos, ...] as everywhere else (the layer's input says the shape), and what they
+    write is flattened back."""
+
+    layer: nn.Module
+    site: Any  # the site on the flattened module
+
+    def attach(self, fn: HookFn, point: HookPoint, backward: bool, att: Attachment) -> None:
+        lead: dict[str, torch.Size] = {}
+
+        def on_layer(m, args, kwargs):
+            lead["shape"] = IN.get((args, kwargs)).shape[:-1]  # [batch, pos]
+
+        def unflattened(act, point):  # act [batch * pos, ...] (a gradient, for backward hooks)
+            new = fn(act.view(*lead["shape"], *act.shape[1:]), point)  # a view: in-place edits act
+            return None if new is None else new.reshape(act.shape)
+
+        _pre_hook(att, self.layer, on_layer)
+        self.site.attach(unflattened, point, backward, att)
 
 
 @dataclass(frozen=True)
@@ -309,14 +324,18 @@ LOGITS = Lens(get=lambda out: out.logits, put=lambda out, a: out.__setitem__("lo
 
 def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[Any, int | None]]:
     """Every hook name of the model -> (site, layer)."""
-    from mechscope.models.attention import EagerSite, MethodSwitch, RotarySite  # (it imports this module)
+    from mechscope.models.attention import EagerSite, InlineSwitch, MethodSwitch, RotarySite  # (it imports this module)
 
     a, cfg = adapter, adapter.cfg
 
     def place(p: Place, layer: int | None = None) -> ModuleSite:
         return ModuleSite(a.module(p.path, layer), p.lens, p.on_input)
 
-    sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed, a.embed_lens)), None)}
+    def mlp_site(site, l: int):  # the MLP's sites, shown as [batch, pos, ...] where it runs flattened (OPT)
+        return FlatSite(a.layer_modules()[l], site) if a.mlp_flat else site
+
+    sites: dict[str, tuple[Any, int | None]] = {"hook_embed": (place(Place(a.embed_site or a.embed, a.embed_lens)),
+                                                               None)}
     if a.pos_embed is not None:
         sites["hook_pos_embed"] = (PosEmbedSite(a.module(a.embed), a.module(a.pos_embed)), None)
     for l, layer in enumerate(a.layer_modules()):
@@ -334,27 +353,29 @@ def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[
             sites[b + f"hook_{name}_input"] = (HeadInputSite(a.reader(l), a.pre_norm(l), a.module(proj.path, l),
                                                              proj.lens, n_heads, whole), l)
         attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
+        if a.attn_inline is not None:
+            attn_switch = InlineSwitch(a.module(a.attn, l), switch if a.attn_inline == "eager" else None)
         sites[b + "attn.hook_attn_scores"] = (EagerSite(a.module(a.attn, l), attn_switch, "scores"), l)
         sites[b + "attn.hook_pattern"] = (EagerSite(a.module(a.attn, l), attn_switch, "pattern"), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)
         sites[b + "attn.hook_result"] = (ResultSite(a, l), l)
         sites[b + "hook_attn_out"] = (attn_out, l)
         if not cfg.parallel_residual:
-            sites[b + "hook_resid_mid"] = (ResidMidSite(layer, attn_out, a.reader(l, mlp=True)), l)
+            sites[b + "hook_resid_mid"] = (mlp_site(ResidMidSite(a.reader(l, mlp=True)), l), l)
         if a.attn_norm is not None:  # (OLMo-2 has no norm before attention or the MLP)
             sites[b + "ln1.hook_scale"] = (ScaleSite(a.module(a.attn_norm, l), a.norm_kind), l)
         if a.mlp_norm not in (None, a.attn_norm):  # (GPT-J and Phi: attention and MLP read one norm)
-            sites[b + "ln2.hook_scale"] = (ScaleSite(a.module(a.mlp_norm, l), a.norm_kind), l)
+            sites[b + "ln2.hook_scale"] = (mlp_site(ScaleSite(a.module(a.mlp_norm, l), a.norm_kind), l), l)
         if a.is_moe(l):  # experts run fused inside the block: its routing is the site
             sites[b + "mlp.hook_router"] = (RouterSite(a.module(a.moe_block, l), a.module(a.router, l),
                                                        a.n_experts()), l)
         else:
             if a.mlp_pre is not None:
-                sites[b + "mlp.hook_pre"] = (place(a.mlp_pre, l), l)
+                sites[b + "mlp.hook_pre"] = (mlp_site(place(a.mlp_pre, l), l), l)
             if a.mlp_pre_linear is not None:
-                sites[b + "mlp.hook_pre_linear"] = (place(a.mlp_pre_linear, l), l)
-            sites[b + "mlp.hook_post"] = (place(at_input(a.down_proj), l), l)
-        sites[b + "hook_mlp_out"] = (place(a.mlp_out, l), l)
+                sites[b + "mlp.hook_pre_linear"] = (mlp_site(place(a.mlp_pre_linear, l), l), l)
+            sites[b + "mlp.hook_post"] = (mlp_site(place(at_input(a.down_proj), l), l), l)
+        sites[b + "hook_mlp_out"] = (mlp_site(place(a.mlp_out, l), l), l)
         sites[b + "hook_resid_post"] = (ModuleSite(layer, FIRST), l)
     sites["ln_final.hook_scale"] = (ScaleSite(a.module(a.final_norm), a.norm_kind), None)
     sites["hook_logits"] = (ModuleSite(a.hf, LOGITS), None)

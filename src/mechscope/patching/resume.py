@@ -104,7 +104,9 @@ class LayerInputs:
         if isinstance(value, list):
             return [self._tile(v, k, done) for v in value]
         if isinstance(value, dict):
-            return {key: self._tile(v, k, done) for key, v in value.items()}
+            per_head = self.model.adapter.per_head_arguments  # [batch * head, ...] (Bloom's alibi)
+            return {key: self._tile(v.view(self.batch_size, -1, *v.shape[1:]), k, done).flatten(0, 1)
+                    if key in per_head and isinstance(v, Tensor) else self._tile(v, k, done) for key, v in value.items()}
         return value
 
     def tiled(self, k: int) -> list[tuple[tuple, dict]]:

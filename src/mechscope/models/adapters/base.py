@@ -83,6 +83,7 @@ class Adapter:
     # Paths relative to the Hugging Face model.
     embed: ClassVar[str]
     embed_lens: ClassVar[Lens] = OUT  # the embedding module's output -> what enters the residual stream
+    embed_site: ClassVar[str | None] = None  # where hook_embed is read, if not at `embed` (Bloom's embedding norm)
     pos_embed: ClassVar[str | None] = None
     layers: ClassVar[str]
     final_norm: ClassVar[str]
@@ -101,6 +102,11 @@ class Adapter:
     mlp_pre_linear: ClassVar[Place | None] = None  # a gated MLP's linear half (its up projection)
     rotary: ClassVar[bool] = True  # q and k rotated inside attention: hook_rot_q|k
     attn_method: ClassVar[str | None] = None  # attention as a method of `attn` (GPT-Neo's _attn), not pluggable
+    # Attention written inline in `attn`'s forward (Bloom, Falcon): pattern and scores are its softmax's
+    # output and input (attention.InlineSwitch); "eager" where only the eager path forms them (Falcon).
+    attn_inline: ClassVar[str | None] = None
+    # Layer arguments laid out [batch * head, ...] (Bloom's alibi): tiled per prompt when variants run.
+    per_head_arguments: ClassVar[tuple[str, ...]] = ()
     # Whether a patched run may start at a position over recorded keys and values (patching/resume.py):
     # not where the attention masks itself by a buffer aligned to the last query (GPT-Neo's windows).
     resumes_at_a_position: ClassVar[bool] = True
@@ -108,6 +114,9 @@ class Adapter:
     # together (OLMo-2, OLMoE), not each head alone (Gemma 3, Qwen3): then a head's q depends on every
     # head's projection of its input.
     qk_norm_whole: ClassVar[bool] = False
+    # Whether the MLP and the norm before it see the stream flattened to [batch * pos, d_model] (OPT):
+    # their sites are shown as [batch, pos, ...] all the same (sites.FlatSite).
+    mlp_flat: ClassVar[bool] = False
     moe_block: ClassVar[str | None] = None  # mixture of experts: the block (the MLP node) ...
     router: ClassVar[str | None] = None  # ... and its router, on layers that have one
 
@@ -255,7 +264,8 @@ class Adapter:
         c = self.hf.config
         n_heads = c.num_attention_heads
         d_model = c.hidden_size
-        d_mlp = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d_model
+        d_mlp = (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "ffn_dim", None)
+                 or 4 * d_model)
         return ModelConfig(
             model_name=getattr(c, "name_or_path", "") or type(self.hf).__name__,
             architecture=type(self.hf).__name__,
