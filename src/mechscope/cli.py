@@ -102,9 +102,13 @@ def models_list() -> None:
 
 
 @models_app.command("families")
-def models_families() -> None:
+def models_families(markdown: bool = typer.Option(False, help="Print the README's Markdown table.")) -> None:
     """The model families mechscope wraps (each proven equal to plain transformers), and the ones it refuses."""
-    from mechscope.models.adapters import families
+    from mechscope.models.adapters import families, families_markdown
+
+    if markdown:
+        print(families_markdown(), end="")
+        return
 
     table = Table("family", "model_type", "norm", "what sets it apart")
     for row in families():

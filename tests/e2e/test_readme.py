@@ -36,3 +36,14 @@ def test_every_readme_snippet_runs(tmp_path, monkeypatch):
     for i, code in enumerate(blocks, 1):
         exec(compile(code, f"README.md python block {i}", "exec"), namespace)  # noqa: S102
     assert namespace["probe"].site == "blocks.12.hook_resid_post" and (tmp_path / "r.json").is_file()
+
+
+def test_the_readme_families_table_is_the_adapters_own():
+    """One source of truth: the README's table is `mechscope models families --markdown`."""
+    from pathlib import Path
+
+    from mechscope.models.adapters import families_markdown
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- families:start -->\n")[1].split("<!-- families:end -->")[0]
+    assert block == families_markdown(), "regenerate it: mechscope models families --markdown"

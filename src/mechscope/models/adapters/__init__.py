@@ -43,6 +43,16 @@ def families() -> list[dict]:
     return rows
 
 
+def families_markdown() -> str:
+    """`families()` as the README's Markdown table (`mechscope models families --markdown`; a test
+    keeps the README's copy equal to it)."""
+    lines = ["| family | model_type | norm | what sets it apart |", "|---|---|---|---|"]
+    for row in families():
+        about = row["about"].replace("|", "\\|")
+        lines.append(f"| {row['family']} | {', '.join(row['model_types'])} | {row['norm'] or '-'} | {about} |")
+    return "\n".join(lines) + "\n"
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     model_type = getattr(model.config, "model_type", None)
     for adapter in ADAPTERS:
@@ -58,4 +68,4 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "ModelConfig", "adapter_for", "families"]
+__all__ = ["ADAPTERS", "Adapter", "ModelConfig", "adapter_for", "families", "families_markdown"]

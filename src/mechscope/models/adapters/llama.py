@@ -1,4 +1,5 @@
-"""Llama-like models (Llama, Mistral with its sliding windows, Qwen2, SmolLM2): separate q/k/v, rotary, RMSNorm, GQA."""
+"""Llama-like models (Llama, Mistral with its sliding windows, Qwen2 and Qwen2.5, SmolLM2): separate q/k/v, rotary,
+RMSNorm, GQA."""
 
 from mechscope.models.adapters.base import Adapter, Place
 from mechscope.models.lens import FIRST, OUT, heads
