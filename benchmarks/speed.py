@@ -1,6 +1,8 @@
 """Exact patching, fast: one table, in one run, of the naive reference (one full forward per
-variant), mechscope resuming from the layer only (as before runs resumed at a position), and
-mechscope, on the same model and prompts:
+variant), TransformerLens where it has the operation (its `patching` module on a TransformerBridge
+over a copy of the same Hugging Face model: one full forward per variant, as the naive method),
+mechscope resuming from the layer only (as before runs resumed at a position), and mechscope, on the
+same model and prompts:
 
 - head_z, all positions; head_z per position; resid_pre per position (denoising);
 - path patching into the name movers' queries at END (SmolLM2's 23.x), senders in the chosen layers;
@@ -63,6 +65,36 @@ def naive_patch(model, batch, site: str, layers, per_position: bool) -> torch.Te
                 logits = model.run_with_hooks(batch.corrupt, fwd_hooks=[(name, write)])
                 out[li, hi, pi] = logit_diff(read_logits(logits, batch), batch).mean() - base
     return out
+
+
+def tl_patch(bridge, batch, site: str, layers, per_position: bool, n_heads: int) -> torch.Tensor:
+    """TransformerLens's exact sweep over the same (layer, head, position) variants as naive_patch,
+    denoising (the clean activation into the corrupt run), as [layer, head, position]."""
+    import contextlib
+    import io
+    import itertools
+
+    import pandas as pd
+    from transformer_lens import patching
+
+    positions = range(batch.clean.shape[1]) if per_position else [None]
+    heads = range(n_heads) if site == "head_z" else [None]
+    setter, name, axes = {("head_z", False): (patching.layer_head_vector_patch_setter, "z", ["layer", "head"]),
+                          ("head_z", True): (patching.layer_pos_head_vector_patch_setter, "z", ["layer", "pos", "head"]),
+                          ("resid_pre", True): (patching.layer_pos_patch_setter, "resid_pre", ["layer", "pos"])}[
+        (site, per_position)]
+    rows = [{"layer": l, "head": h, "pos": p} for l, h, p in itertools.product(layers, heads, positions)]
+    index = pd.DataFrame(rows)[axes]  # in naive_patch's order: layer, then head, then position
+    _, clean_cache = bridge.run_with_cache(batch.clean)
+    base = logit_diff(read_logits(bridge(batch.corrupt), batch), batch).mean()
+
+    def metric(logits):
+        return logit_diff(read_logits(logits, batch), batch).mean() - base
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+        values = patching.generic_activation_patch(bridge, batch.corrupt, clean_cache, metric, setter, name,
+                                                   index_df=index)
+    return values.reshape(len(layers), len(heads), len(positions))
 
 
 def naive_path(model, batch, receivers, senders) -> torch.Tensor:
@@ -132,9 +164,19 @@ def main() -> None:
               flush=True)
         return values, seconds
 
+    try:
+        from common import tl_bridge
+
+        bridge = tl_bridge(model)
+    except ImportError as e:  # TransformerLens is a dev dependency
+        print(f"(no TransformerLens rows: {e})")
+        bridge = None
     for site, per_position in (("head_z", False), ("head_z", True), ("resid_pre", True)):
         name = f"{site} {'per position' if per_position else 'all positions'}"
         naive = row(name, "naive", lambda: naive_patch(model, batch, site, layers, per_position))
+        if bridge is not None:
+            row(name, "TransformerLens", lambda: tl_patch(bridge, batch, site, layers, per_position,
+                                                          model.cfg.n_heads), naive)
         with layer_resume_only():
             row(name, "layers only", lambda: activation_patch(model, batch, site=site, layers=layers,
                                                                 per_position=per_position).values, naive)
