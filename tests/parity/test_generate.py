@@ -4,8 +4,8 @@ of full forwards (no KV cache) with the same hooks produces, on every family."""
 import pytest
 import torch
 
-from conftest import byte_tokenizer, tiny_model
-from mechscope import InputError
+from conftest import ALL_FAMILIES, FAMILIES, byte_tokenizer, tiny_hf, tiny_model
+from mechscope import HookedModel, InputError
 from mechscope.probes import ablate_direction, steer
 
 pytestmark = pytest.mark.usefixtures("no_grad")
@@ -67,3 +67,23 @@ def test_bad_generation_requests_are_refused():
         m.generate("hi", max_new_tokens=100)
     with pytest.raises(InputError, match="empty prompt"):
         m.generate(["", "x"], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("family", [f for f in ALL_FAMILIES if f not in FAMILIES])
+def test_generation_on_the_families_outside_the_deep_suite(family, tokens):
+    """Without hooks, transformers' generate; with hooks (a steer at every position, a steer at a
+    position only generation reaches, a written pattern), the loop of full forwards; and a steer
+    changes the text."""
+    model = HookedModel(tiny_hf(family), byte_tokenizer())
+    prompt = tokens[:, :5]
+    plain = model.generate(prompt, max_new_tokens=NEW)
+    theirs = model.hf.generate(input_ids=prompt, max_new_tokens=NEW, do_sample=False, pad_token_id=model.pad_token_id)
+    assert torch.equal(plain, theirs)
+    u = torch.nn.functional.normalize(torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0),
+                                                  dtype=torch.float64), dim=0)
+    cases = [[steer("blocks.0.hook_resid_post", u, 30.0)], [steer("blocks.0.hook_resid_post", u, 30.0, positions=[7])],
+             [("blocks.1.attn.hook_pattern", lambda p, h: p * 0.5)]]
+    for hooks in cases:
+        ours = model.generate(prompt, max_new_tokens=NEW, fwd_hooks=hooks)
+        assert torch.equal(ours, greedy_loop(model, prompt, hooks)), hooks
+    assert not torch.equal(model.generate(prompt, max_new_tokens=NEW, fwd_hooks=cases[0]), plain)
