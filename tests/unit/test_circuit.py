@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from mechscope import InputError
-from mechscope.analysis.circuit import Knockouts, faithfulness, group_means, parse_heads
+from mechscope.analysis.circuit import Knockouts, faithfulness, group_means, length_buckets, parse_heads
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.tasks import ContrastiveBatch
 
@@ -93,10 +93,10 @@ def test_completeness_and_minimality_drop_the_runs_they_record():
     circuit = set().union(*classes.values())
     ko = Knockouts(model, batch, chunk=3)
     assert ko.remember(circuit) and not ko.remember(circuit)  # a second time records nothing
-    kept = [b[0] for b in ko.bases]
+    kept = [b[0] for p in ko.parts for b in p.bases]
     found = completeness(model, batch, classes, knockouts=ko)
     scores = minimality(model, batch, classes, knockouts=ko)
-    assert [b[0] for b in ko.bases] == kept  # the caller's circuit run is still there, nothing else
+    assert [b[0] for p in ko.parts for b in p.bases] == kept  # the caller's circuit run is still there, nothing else
     fresh = Knockouts(model, batch)
     for tried in found.tried:
         gone = set().union(*(classes[c] for c in tried["removed"]))
@@ -110,4 +110,46 @@ def test_completeness_and_minimality_drop_the_runs_they_record():
         assert score["score"] == pytest.approx(max(abs(fc - without_v), abs(only_v - without_class)), abs=1e-10)
     assert list(scores) == sorted(scores, key=lambda n: parse_heads([n]).pop())  # by layer, then head
     ko.forget(circuit)
-    assert len(ko.bases) == 1  # the unablated run stays
+    assert [len(p.bases) for p in ko.parts] == [1]  # the unablated run stays
+
+
+def mixed_length_batch(model) -> ContrastiveBatch:
+    """24 prompts of three lengths (5, 8 and 13 bytes), a template per length, in mixed order."""
+    words = ["ab cd", "one two!", "a longer one."]
+    records = [{"clean": words[i % 3].replace("o", "aeiouy"[i % 6]), "corrupt": words[i % 3][::-1],
+                "answer": "xyz"[i % 3], "wrong": "q", "template": f"T{i % 3}"} for i in range(24)]
+    return ContrastiveBatch.from_records(model, records)
+
+
+def test_knockouts_in_length_groups_equal_one_group():
+    """Prompts run in groups of similar length, each cut at its last read position: every figure is
+    the one the whole padded batch gives (float64: to rounding)."""
+    from mechscope.analysis.circuit import completeness
+
+    model = tiny_model("llama-gqa")
+    batch = mixed_length_batch(model)
+    one, two = Knockouts(model, batch, buckets=1, chunk=3), Knockouts(model, batch, buckets=2, chunk=3)
+    assert [len(p.batch) for p in one.parts] == [24] and [len(p.batch) for p in two.parts] == [16, 8]
+    short, long = (p.batch.clean.shape[1] for p in two.parts)
+    assert short < long == batch.clean.shape[1]  # the short prompts are not padded to the long ones' length
+    sets = [set(), {(0, 1), (2, 3)}, {(1, 0)}, one.heads - {(2, 1)}]
+    assert two.model_logit_diff == pytest.approx(one.model_logit_diff, abs=1e-10)
+    assert two.logit_diffs(sets) == pytest.approx(one.logit_diffs(sets), abs=1e-10)
+    classes = {"a": {(0, 1), (1, 2)}, "b": {(2, 0), (2, 3)}}
+    tried = [completeness(model, batch, classes, knockouts=ko).tried for ko in (one, two)]
+    assert [t["removed"] for t in tried[1]] == [t["removed"] for t in tried[0]]
+    assert [t["gap"] for t in tried[1]] == pytest.approx([t["gap"] for t in tried[0]], abs=1e-10)
+    assert len({round(v, 6) for v in one.logit_diffs(sets)}) == len(sets)  # every set changes the number
+
+
+def test_length_groups_cut_where_the_fewest_positions_run():
+    """Against every way to cut the sorted lengths in two (groups of 8 or more)."""
+    lengths = torch.tensor([14] * 6 + [15] * 15 + [16] * 2 + [17] * 6 + [18] * 6 + [20] * 5) - 1
+    shuffled = lengths[torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))]
+    parts = length_buckets(shuffled, 2)
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))  # every prompt once
+    cost = sum(len(p) * (int(shuffled[p].max()) + 1) for p in parts)
+    n = len(lengths)
+    assert cost == min(k * int(lengths[k - 1] + 1) + (n - k) * 20 for k in range(8, n - 7)) == 695  # 800 in one
+    assert len(length_buckets(torch.full((30,), 9), 2)) == 1  # equal lengths: nothing to gain
+    assert len(length_buckets(shuffled[:12], 2)) == 1  # too few prompts for two groups of 8

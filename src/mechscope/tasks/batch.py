@@ -79,6 +79,17 @@ class ContrastiveBatch:
                                 self.read_pos[part], self.clean_prompts[part], self.corrupt_prompts[part],
                                 None if self.groups is None else self.groups[part])
 
+    def take(self, rows: Tensor, n_pos: int) -> "ContrastiveBatch":
+        """The prompts `rows` (indices), cut to their first n_pos positions (at least every read
+        position: with causal attention, nothing after it changes what is read there)."""
+        if int(self.read_pos[rows].max()) >= n_pos:
+            raise InputError(f"n_pos {n_pos} would cut off a read position ({int(self.read_pos[rows].max())})")
+        idx = rows.tolist()
+        return ContrastiveBatch(self.clean[rows, :n_pos], self.corrupt[rows, :n_pos], self.answer[rows],
+                                self.wrong[rows], self.read_pos[rows], tuple(self.clean_prompts[i] for i in idx),
+                                tuple(self.corrupt_prompts[i] for i in idx),
+                                None if self.groups is None else tuple(self.groups[i] for i in idx))
+
     def source_and_target(self, direction: str) -> tuple[Tensor, Tensor]:
         """(the run patched from, the run patched into): denoising patches clean into corrupt,
         noising corrupt into clean."""
