@@ -184,3 +184,22 @@ def test_a_ray_worker_on_the_gpu_matches_the_cpu(tmp_path):
     with Cluster(folder, workers=1, dtype="float64", device=DEVICE, gpus_per_worker=int(DEVICE == "cuda")) as cluster:
         result = cluster.run(activation_patch, batch, site="head_z", shards=2)
     close(result.values, activation_patch(cpu, batch, site="head_z").values, device_tol(cpu))
+
+
+def test_othello_evaluation_probes_and_interventions_match_the_cpu():
+    """The shipped Othello-GPT on the device (float32: the kernels round differently, so rates agree
+    to a position or two, not bit for bit): legal-move rate, probe accuracy by layer, interventions."""
+    from mechscope.organisms.othello import random_games
+    from mechscope.organisms.othello.probe import intervene, load, probe_layers
+    from mechscope.organisms.othello.train import evaluate
+
+    cpu, dev = load(6), load(6, device=DEVICE)
+    assert dev.device.type == torch.device(DEVICE).type
+    games = random_games(200, seed=5)
+    assert evaluate(dev.hf, games)["top1_legal"] == pytest.approx(evaluate(cpu.hf, games)["top1_legal"], abs=2e-3)
+    (out_c, probes_c, acts_c), (out_d, probes_d, acts_d) = (probe_layers(m, games, controls=False) for m in (cpu, dev))
+    close(out_d["mine_theirs"], out_c["mine_theirs"], dict(atol=0.01, rtol=0))
+    edits = [intervene(m, random_games(60, seed=6), p, games, a, start=4, n=20) for m, p, a in
+             ((cpu, probes_c, acts_c), (dev, probes_d, acts_d))]
+    assert edits[1]["n_cases"] == edits[0]["n_cases"] == 20
+    assert edits[1]["intervention_success"] == pytest.approx(edits[0]["intervention_success"], abs=0.1)

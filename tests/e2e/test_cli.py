@@ -203,7 +203,9 @@ def test_othello_commands_write_their_json(tmp_path):
     (["othello", "games", "--n", "0"], "--n must be between 1"), (["othello", "games", "--size", "7"], "--size is 6 or 8"),
     (["othello", "evaluate", "--n", "0"], "--n must be between 1"), (["othello", "probe", "--n", "1"], "at least 2 games"),
     (["othello", "evaluate", "--size", "8"], "no Othello-GPT ships for a 8x8 board"),
-    (["othello", "probe", "--model", "."], "is not a trained model's folder")])
+    (["othello", "probe", "--model", "."], "is not a trained model's folder"),
+    (["othello", "evaluate", "--device", "cuda:99"], "device 'cuda:99'"),
+    (["othello", "intervene", "--device", "nonsense"], "is not a device")])
 def test_othello_refuses_bad_requests_before_work(tmp_path, args, message):
     done = runner.invoke(app, args + ["--out", str(tmp_path / "o")])
     assert done.exit_code == 1 and message in " ".join(done.output.split()) and not (tmp_path / "o").exists()

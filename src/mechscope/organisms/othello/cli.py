@@ -15,6 +15,7 @@ Size = Annotated[int, typer.Option(help="Board size: 6 or 8.")]
 OutDir = Annotated[Path, typer.Option(help="Folder for the outputs (created).")]
 ModelDir = Annotated[Optional[Path], typer.Option("--model", help="A trained model's folder (default: the shipped one).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier run.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 
 
 def _outputs(out: Path, names: list[str], overwrite: bool, *, n: int, size: int) -> list[Path]:
@@ -51,13 +52,15 @@ def _write(out: Path, files: dict) -> None:
     write_folder(out, files)
 
 
-def _model(folder: Path | None, size: int):
+def _model(folder: Path | None, size: int, device: str = "cpu"):
     from transformers import GPT2LMHeadModel
 
     from mechscope.models.hooked import HookedModel
+    from mechscope.models.load import _check_device
     from mechscope.organisms.othello.probe import checkpoint
 
-    return HookedModel(GPT2LMHeadModel.from_pretrained(folder or checkpoint(size)), tokenizer=None)
+    _check_device(device)  # a clear error for a device this machine lacks, before the weights
+    return HookedModel(GPT2LMHeadModel.from_pretrained(folder or checkpoint(size)).to(device), tokenizer=None)
 
 
 @othello_app.command()
@@ -88,7 +91,7 @@ def games(n: Annotated[int, typer.Option(help="How many distinct games.")] = 100
 @othello_app.command()
 def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy from `othello games`.")],
           size: Size = 6, steps: int = 16_000, batch_size: int = 512, lr: float = 1e-3, d_model: int = 128,
-          layers: int = 8, heads: int = 8, seed: int = 0, device: str = "cpu",
+          layers: int = 8, heads: int = 8, seed: int = 0, device: DeviceOpt = "cpu",
           out: OutDir = Path("othello-model")) -> None:
     """Train an Othello-GPT (resumes from OUT's last checkpoint): OUT/config.json, model.safetensors,
     curve.json."""
@@ -108,6 +111,9 @@ def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy fr
             raise InputError(f"{games_file} does not hold {size}x{size} games: it is not a .npy array ({err})") from None
         if tokens.dtype != np.uint8 or tokens.ndim != 2 or tokens.shape[1] != size * size - 4:
             raise InputError(f"{games_file} does not hold {size}x{size} games (uint8 [game, {size * size - 4}])")
+        from mechscope.models.load import _check_device
+
+        _check_device(device)
         config = model_config(size, d_model=d_model, n_layers=layers, n_heads=heads)
         run(Games(tokens, size), out, config=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
             device=device, progress=True, log=console.print)
@@ -116,7 +122,7 @@ def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy fr
 
 @othello_app.command()
 def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 777, out: OutDir = Path("othello-eval"),
-             overwrite: Overwrite = False) -> None:
+             overwrite: Overwrite = False, device: DeviceOpt = "cpu") -> None:
     """Top-1 legal-move rate and legal-set error on fresh games: OUT/evaluate.json."""
     from mechscope.cli import _clear_errors, console
     from mechscope.organisms.othello import random_games
@@ -126,12 +132,12 @@ def evaluate(model: ModelDir = None, size: Size = 6, n: int = 2000, seed: int = 
     with _clear_errors():
         files = _outputs(out, ["evaluate.json"], overwrite, n=n, size=size)
         _check_model(model, size)
-        result = {"n_games": n, "seed": seed, **run(_model(model, size).hf, random_games(n, size=size, seed=seed))}
+        result = {"n_games": n, "seed": seed, **run(_model(model, size, device).hf, random_games(n, size=size, seed=seed))}
         _write(out, {files[0]: write_json(result, indent=1)})
     console.print(f"top-1 legal {result['top1_legal']:.2%}, legal-set error {result['legal_set_error']:.2%}")
 
 
-def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, names):
+def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, names, device="cpu"):
     """Board probes on n games (seed), then `cases` interventions on other games; writes `names`."""
     from mechscope.cli import _clear_errors, console
     from mechscope.errors import InputError
@@ -146,7 +152,7 @@ def _probe_and_intervene(model, size, n, seed, cases, start, out, overwrite, nam
             raise InputError(f"--n must be at least 2 games: the probes hold some out, not {n}")
         files = _outputs(out, names, overwrite, n=n, size=size)
         _check_model(model, size)
-        m = _model(model, size)
+        m = _model(model, size, device)
         t0 = time.perf_counter()
         probe_games = random_games(n, size=size, seed=seed)
         result, probes, acts = probe_layers(m, probe_games, seed=seed, log=lambda text: console.print(f"[dim]{text}[/dim]"))
@@ -181,18 +187,20 @@ Start = Annotated[Optional[int], typer.Option(help="First layer edited (default:
 @othello_app.command()
 def probe(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed: int = 1001,
           intervene: Annotated[int, typer.Option(help="Also run this many interventions (0: none).")] = 0,
-          start: Start = None, out: OutDir = Path("othello-probe"), overwrite: Overwrite = False) -> None:
+          start: Start = None, out: OutDir = Path("othello-probe"), overwrite: Overwrite = False,
+          device: DeviceOpt = "cpu") -> None:
     """Board probes at every layer: mine/theirs, black/white and the random-init control; OUT/probe.json
     (and OUT/intervene.json with --intervene N), and OUT/report.html, which draws the boards."""
     names = ["probe.json"] + (["intervene.json"] if intervene else []) + ["report.html"]
-    _probe_and_intervene(model, size, n, seed, intervene, start, out, overwrite, names)
+    _probe_and_intervene(model, size, n, seed, intervene, start, out, overwrite, names, device)
 
 
 @othello_app.command("intervene")
 def intervene_cmd(model: ModelDir = None, size: Size = 6, n: Games_ = 3000, seed: int = 1001,
                   cases: Annotated[int, typer.Option(help="Positions edited.")] = 200, start: Start = None,
-                  out: OutDir = Path("othello-intervene"), overwrite: Overwrite = False) -> None:
+                  out: OutDir = Path("othello-intervene"), overwrite: Overwrite = False,
+                  device: DeviceOpt = "cpu") -> None:
     """Flip one square's state through the probes' directions and compare the model's legal moves with
     the edited board's, against no edit and a random direction: OUT/intervene.json (and probe.json, report.html)."""
     _probe_and_intervene(model, size, n, seed, max(cases, 1), start, out, overwrite,
-                         ["probe.json", "intervene.json", "report.html"])
+                         ["probe.json", "intervene.json", "report.html"], device)

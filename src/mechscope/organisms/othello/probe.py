@@ -196,7 +196,7 @@ def intervene(model, games: Games, probes: dict, probe_games: Games, acts, *, st
     for g, t, s, state, new_set, old in cases:
         target = 2 if state == 1 else 1
         shown = {}
-        tokens = torch.from_numpy(games.tokens[g: g + 1, : t + 1].astype(np.int64))
+        tokens = torch.from_numpy(games.tokens[g: g + 1, : t + 1].astype(np.int64)).to(model.device)
         for kind in results:
             hooks = []
             for site in sites:
@@ -205,10 +205,11 @@ def intervene(model, games: Games, probes: dict, probe_games: Games, acts, *, st
 
                 def edit(x, hook, u=u, want=want, kind=kind):
                     x = x.clone()
-                    v = x[0, t]
-                    delta = (want - v.float() @ u) * u  # [d]
+                    v = x[0, t]  # [d], on the model's device
+                    w = u.to(v.device)  # the probes live on the CPU
+                    delta = (want.to(v.device) - v.float() @ w) * w  # [d]
                     if kind == "random":
-                        r = torch.randn(u.shape, generator=gen)
+                        r = torch.randn(u.shape, generator=gen).to(v.device)  # drawn on the CPU: the same on any device
                         delta = r / r.norm() * delta.norm()
                     x[0, t] = v + delta.to(v)
                     return x
