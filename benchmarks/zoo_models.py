@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from common import timed
+
 MODELS = "smollm2-135m,gemma3-270m,qwen2.5-coder-0.5b"
 
 
@@ -32,12 +34,7 @@ def peak_gb() -> float:
 
 
 def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return timed(fn, repeats)[1]
 
 
 def measure(alias: str, repeats: int) -> dict:
