@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -149,20 +150,25 @@ class InlineSwitch:
     are hooked, its forward runs with its one softmax intercepted (`_with_scores`): the scores hooks
     on the softmax's input, the pattern hooks on its output, which the forward then uses as its own.
     `eager`: the model's AttentionSwitch, for a family that takes that inline path only in eager mode
-    (Falcon's SDPA branch never forms the pattern)."""
+    (Falcon's SDPA branch never forms the pattern). While rotated q/k are hooked ("rot"), the module's
+    own `apply_rotary_pos_emb` runs `hook_rot_q|k` on what it returns, on whichever branch."""
 
-    def __init__(self, module: nn.Module, eager: "AttentionSwitch | None" = None):
-        self.module, self.eager, self.count = module, eager, 0
+    def __init__(self, module: nn.Module, eager: "AttentionSwitch | None" = None, kv_heads: int | None = None):
+        self.module, self.eager, self.count, self.kv_heads = module, eager, 0, kv_heads
 
     def acquire(self, kind: str = "pattern") -> None:
-        if self.eager is not None:
+        if self.eager is not None and kind == "pattern":
             self.eager.acquire(kind)
         if self.count == 0:
             module, original = self.module, type(self.module).forward
 
             def hooked(*args, **kwargs):
-                return _with_scores(original, module.__dict__.get("_mechscope_score_hooks", ()), module, *args,
-                                    pattern_hooks=module.__dict__.get("_mechscope_pattern_hooks", ()), **kwargs)
+                scores = module.__dict__.get("_mechscope_score_hooks", ())
+                patterns = module.__dict__.get("_mechscope_pattern_hooks", ())
+                with _rotary_hooked(module, self.kv_heads):
+                    if not (scores or patterns):
+                        return original(module, *args, **kwargs)
+                    return _with_scores(original, scores, module, *args, pattern_hooks=patterns, **kwargs)
 
             module.__dict__["forward"] = hooked
         self.count += 1
@@ -171,8 +177,35 @@ class InlineSwitch:
         self.count -= 1
         if self.count == 0:
             del self.module.__dict__["forward"]
-        if self.eager is not None:
+        if self.eager is not None and kind == "pattern":
             self.eager.release(kind)
+
+
+@contextmanager
+def _rotary_hooked(module: nn.Module, kv_heads: int | None):
+    """While `module` runs: its modeling file's `apply_rotary_pos_emb` followed by `hook_rot_q|k`. Keys
+    that the module already repeated per query head (Falcon's new architecture) are shown per
+    key/value head, and a written one is repeated again."""
+    if not any(getattr(module, "_mechscope_rot_hooks", {}).values()):
+        yield
+        return
+    namespace = sys.modules[type(module).__module__]
+    apply = namespace.apply_rotary_pos_emb
+
+    def rotated(q, k, *args, **kwargs):  # q, k [batch, head, pos, d_head]
+        q, k = apply(q, k, *args, **kwargs)
+        group = k.shape[1] // (kv_heads or k.shape[1])
+        if group == 1:
+            return _rotated(module, q, k)
+        own = k[:, ::group]  # [batch, kv_head, pos, d_head]: each group's copies are one key
+        q, new = _rotated(module, q, own)
+        return q, k if new is own else new.repeat_interleave(group, dim=1)
+
+    namespace.apply_rotary_pos_emb = rotated
+    try:
+        yield
+    finally:
+        namespace.apply_rotary_pos_emb = apply
 
 
 class AttentionSwitch:

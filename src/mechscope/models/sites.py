@@ -344,17 +344,19 @@ def build_sites(adapter: Adapter, switch: "AttentionSwitch") -> dict[str, tuple[
         sites[b + "hook_resid_pre"] = (ModuleSite(layer, IN, on_input=True), l)
         for name, qkv in a.qkv().items():
             sites[b + f"attn.hook_{name}"] = (place(qkv, l), l)
+        attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
+        if a.attn_inline is not None:
+            attn_switch = InlineSwitch(a.module(a.attn, l), switch if a.attn_inline == "eager" else None,
+                                       cfg.n_kv_heads)
         if a.rotary:
             for which in "qk":
-                sites[b + f"attn.hook_rot_{which}"] = (RotarySite(a.module(a.attn, l), switch, which), l)
+                rot_switch = attn_switch if a.attn_inline is not None else switch
+                sites[b + f"attn.hook_rot_{which}"] = (RotarySite(a.module(a.attn, l), rot_switch, which), l)
         for name, (proj, post) in a.qkv_projections().items():
             n_heads = cfg.n_heads if name == "q" else cfg.n_kv_heads
             whole = a.module(post, l) if post is not None and a.qk_norm_whole else None
             sites[b + f"hook_{name}_input"] = (HeadInputSite(a.reader(l), a.pre_norm(l), a.module(proj.path, l),
                                                              proj.lens, n_heads, whole), l)
-        attn_switch = switch if a.attn_method is None else MethodSwitch(a.module(a.attn, l), a.attn_method)
-        if a.attn_inline is not None:
-            attn_switch = InlineSwitch(a.module(a.attn, l), switch if a.attn_inline == "eager" else None)
         sites[b + "attn.hook_attn_scores"] = (EagerSite(a.module(a.attn, l), attn_switch, "scores"), l)
         sites[b + "attn.hook_pattern"] = (EagerSite(a.module(a.attn, l), attn_switch, "pattern"), l)
         sites[b + "attn.hook_z"] = (place(at_input(a.out_proj, heads(cfg.d_head)), l), l)

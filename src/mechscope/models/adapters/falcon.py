@@ -1,16 +1,16 @@
 """Falcon with rotary positions and parallel attention and MLP: Falcon-7B (multi-query: one
 key/value head, one norm read by both) and the new decoder architecture of Falcon-40B, 180B and 2
 (grouped key/value heads; a norm each for attention and the MLP, or one). Attention and rotary are
-written inline in its forward (pattern and scores from its softmax; no hook_rot_q|k); ALiBi Falcon
-(Falcon-RW) is refused.
+written inline in its forward (pattern and scores from its softmax, rotated q/k from its
+apply_rotary_pos_emb); ALiBi Falcon (Falcon-RW) is refused.
 
 The fused q|k|v projection is laid out per variant: [q heads, k, v] for multi-query, [per key/value
 head: its query heads, k, v] for the new architecture, [per head: q, k, v] otherwise.
 
 - Attention is written inline in its module's forward: `hook_pattern` and `hook_attn_scores` are its
   one softmax's output and input, read on the eager path (taken while they are hooked; the model
-  otherwise runs its SDPA branch). Rotary embeddings are applied inline too, so there is no
-  `hook_rot_q|k`: `hook_q|k` are before rotary.
+  otherwise runs its SDPA branch). `hook_rot_q|k` are what its `apply_rotary_pos_emb` returns, caught
+  while that one module runs (on either branch); `hook_q|k` are before rotary.
 - The MLP's output is added to in place (by attention's) before the residual add: `hook_mlp_out` is
   read as a copy, so what a hook or cache holds is the MLP's own output.
 - ALiBi Falcon and the sequential layout (Falcon-RW) are refused: the family tests do not cover them.
@@ -33,7 +33,6 @@ class FalconAdapter(Adapter):
     family = "falcon"
     model_types = ("falcon",)
     norm_kind = "layernorm"
-    rotary = False  # applied inline: no hook_rot_q|k
     attn_inline = "eager"
 
     embed = "transformer.word_embeddings"
