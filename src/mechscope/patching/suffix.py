@@ -109,6 +109,11 @@ def _cut(name: str | None, value, suffix: Suffix, hidden: Tensor):
     collector ran.)"""
     if name == "attention_mask":
         return suffix.mask(value, hidden.dtype, hidden.device)
+    if name == "alibi" and isinstance(value, Tensor):  # BLOOM's [batch * head, 1, key]: over the recorded keys
+        heads = value.shape[0] // suffix.batch_size  # and the new ones, as the mask's keys are
+        per_row = value.view(suffix.batch_size, heads, 1, -1)[suffix.prompt.to(value.device)]  # [rows, head, 1, pos]
+        at = suffix.positions.to(value.device)[:, None, None, :].expand(-1, heads, 1, -1)  # [rows, head, 1, length]
+        return torch.cat([per_row, per_row.gather(-1, at)], -1).flatten(0, 1)  # [rows * head, 1, pos + length]
     if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[1] == suffix.n_pos \
             and value.shape[0] in (1, suffix.batch_size):
         return suffix.gather(value)
@@ -123,6 +128,6 @@ def _known(name: str | None, value, n_pos: int) -> bool:
         return all(_known(None, v, n_pos) for v in value)
     if isinstance(value, dict):
         return False
-    if not isinstance(value, Tensor) or name == "attention_mask":
+    if not isinstance(value, Tensor) or name in ("attention_mask", "alibi"):
         return True
     return n_pos not in value.shape or (value.ndim >= 2 and value.shape[1] == n_pos)
