@@ -1,5 +1,5 @@
 """Real models from the offline zoo: logits equal plain `transformers`, hooks hold at full size, and
-the models do IOI. The first run fetches the models (about 20 s, 60 s and 100 s); later runs load in
+the models do IOI. The first run fetches the models (about 20 s, 60 s and 70 s); later runs load in
 seconds."""
 
 import pytest
