@@ -46,10 +46,8 @@ class HeadInputs:
         weight, bias, post = self.projection(layer, kind)
         normed = self._norms[layer](x)  # [..., n, batch, pos, d_model]
         if self.model.adapter.qk_norm_whole and post is not None:
-            every = torch.einsum("...nbpd,hde->...nbphe", normed, weight) + bias  # [..., n, batch, pos, head, d_head]
-            every = post.forward(every.flatten(-2)).unflatten(-1, bias.shape)  # the norm over all heads
+            every = _whole_norm(normed, weight, bias, post).movedim(-2, -4)  # [..., n, head, batch, pos, d_head]
             rows = torch.arange(len(heads), device=x.device)
-            every = every.movedim(-2, -4)  # [..., n, head, batch, pos, d_head]
             return every[..., rows, heads.to(x.device), :, :, :]  # [..., n, batch, pos, d_head]: row i, head heads[i]
         w, b = weight[heads.to(weight.device)], bias[heads.to(bias.device)]  # [n, d_model, d_head], [n, d_head]
         out = torch.einsum("...nbpd,nde->...nbpe", normed, w) + b[:, None, None]  # [..., n, batch, pos, d_head]
@@ -63,9 +61,15 @@ class HeadInputs:
         normed = self._norms[layer](x)  # [..., n, d_model]: the layer's own norm, one copy per reader
         idx = torch.tensor(heads, device=x.device)
         if self.model.adapter.qk_norm_whole and post is not None:
-            every = torch.einsum("...nd,hde->...nhe", normed, weight) + bias  # [..., n, head, d_head]
-            every = post.forward(every.flatten(-2)).unflatten(-1, bias.shape)  # the norm over all heads
+            every = _whole_norm(normed, weight, bias, post)  # [..., n, head, d_head]
             rows = torch.arange(len(heads), device=x.device)
             return every[..., rows, idx, :]  # [..., n, d_head]: reader i keeps head heads[i]
         out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module
+
+
+def _whole_norm(normed: Tensor, weight: Tensor, bias: Tensor, post: nn.Module) -> Tensor:
+    """Every head's projection of normed [..., d_model] through a q/k norm over all heads (OLMo-2,
+    OLMoE): [..., head, d_head]."""
+    every = torch.einsum("...d,hde->...he", normed, weight) + bias  # [..., head, d_head]
+    return post.forward(every.flatten(-2)).unflatten(-1, bias.shape)

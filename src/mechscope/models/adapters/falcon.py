@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from mechscope.errors import UnsupportedModelError
 from mechscope.models.adapters.base import Adapter, ModelConfig, Place
-from mechscope.models.lens import FIRST, Lens, heads, span
+from mechscope.models.lens import FIRST, Lens, chunk, heads, span
 
 # The module's output as a copy, and a written value given back as one: the model's in-place change
 # after the hook reaches neither what the hook saw nor what it wrote (nor cuts a backward hook off).
@@ -85,6 +85,4 @@ class FalconAdapter(Adapter):
         if c.multi_query:  # all query heads, then the one k, then the one v
             return {"q": Place(fused, span(0, n * d) >> heads(d)), "k": Place(fused, span(n * d, (n + 1) * d) >> heads(d)),
                     "v": Place(fused, span((n + 1) * d, (n + 2) * d) >> heads(d))}
-        from mechscope.models.lens import chunk
-
         return {name: Place(fused, heads(3 * d) >> chunk(i, 3)) for i, name in enumerate("qkv")}  # per head: q, k, v
