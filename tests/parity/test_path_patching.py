@@ -57,7 +57,8 @@ def literal_path_patch(model, batch, receivers, receiver_input, at, direction):
 
 CASES = [("logits", "q", "all", "noise"), ([(2, 1)], "q", "all", "noise"), ([(2, 0), (1, 3)], "q", "read", "noise"),
          ([(2, 0)], "k", "read", "denoise"), ([(1, 0), (2, 0)], "v", "all", "denoise"),  # kv head 0: qwen2 has one
-         ([(2, 0)], "v", torch.tensor([8, 11]), "noise")]  # one position per prompt (IOI: S2); within Gemma's window
+         ([(2, 0)], "v", torch.tensor([8, 11]), "noise"),  # one position per prompt (IOI: S2); within Gemma's window
+         ([(0, 0), (2, 0)], "v", torch.tensor([8, 11]), "noise")]  # layer 1's senders come after one receiver
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -131,3 +132,27 @@ def test_path_patching_leaves_no_cycles_holding_tensors():
         gc.garbage.clear()
         gc.enable()
     assert tensors == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama-gqa", "gemma3"])
+def test_step_two_in_length_groups_and_chunks_equals_the_literal_method(family, monkeypatch):
+    """Senders in chunks of one and prompts in groups of their own suffix length (forced: every run
+    is small here) give the literal numbers; the groups really split this batch."""
+    from mechscope.patching import path
+    from mechscope.patching.suffix import length_buckets
+    from mechscope.tasks import ContrastiveBatch
+
+    model = tiny_model(family)
+    batch = ContrastiveBatch.from_pairs(
+        model, ["the cat sat", "a dog ran far away", "one bird flew over the hill", "it rained"],
+        ["the rat sat", "a fox ran far away", "one bird swam over the hill", "it snowed"],
+        ["a", "b", "c", "d"], ["e", "f", "g", "h"])
+    at = batch.read_pos - torch.tensor([0, 2, 0, 2])  # two groups of two; after each prompt's first difference; in Gemma's window
+    lengths = batch.read_pos - at + 1
+    assert len(length_buckets(lengths, buckets=4, least=1)) == 2
+    monkeypatch.setattr(path, "LEAST_ROWS", 1)
+    slow = literal_path_patch(model, batch, [(2, 0)], "v", at, "noise")
+    for memory_mb in (0, 512):  # one sender per run; all of them in one
+        fast = path_patch(model, batch, receivers=[(2, 0)], receiver_input="v", at=at, memory_mb=memory_mb)
+        torch.testing.assert_close(fast.values, slow, **EXACT)
+    assert slow.abs().max() > 1e-4

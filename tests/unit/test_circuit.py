@@ -5,7 +5,8 @@ import torch
 
 from conftest import tiny_model
 from mechscope import InputError
-from mechscope.analysis.circuit import Knockouts, faithfulness, group_means, length_buckets, parse_heads
+from mechscope.analysis.circuit import Knockouts, faithfulness, group_means, parse_heads
+from mechscope.patching.suffix import length_buckets
 from mechscope.metrics import logit_diff, read_logits
 from mechscope.tasks import ContrastiveBatch
 
@@ -144,12 +145,12 @@ def test_knockouts_in_length_groups_equal_one_group():
 
 def test_length_groups_cut_where_the_fewest_positions_run():
     """Against every way to cut the sorted lengths in two (groups of 8 or more)."""
-    lengths = torch.tensor([14] * 6 + [15] * 15 + [16] * 2 + [17] * 6 + [18] * 6 + [20] * 5) - 1
+    lengths = torch.tensor([14] * 6 + [15] * 15 + [16] * 2 + [17] * 6 + [18] * 6 + [20] * 5)
     shuffled = lengths[torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))]
     parts = length_buckets(shuffled, 2)
     assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))  # every prompt once
-    cost = sum(len(p) * (int(shuffled[p].max()) + 1) for p in parts)
+    cost = sum(len(p) * int(shuffled[p].max()) for p in parts)
     n = len(lengths)
-    assert cost == min(k * int(lengths[k - 1] + 1) + (n - k) * 20 for k in range(8, n - 7)) == 695  # 800 in one
+    assert cost == min(k * int(lengths[k - 1]) + (n - k) * 20 for k in range(8, n - 7)) == 695  # 800 in one
     assert len(length_buckets(torch.full((30,), 9), 2)) == 1  # equal lengths: nothing to gain
     assert len(length_buckets(shuffled[:12], 2)) == 1  # too few prompts for two groups of 8

@@ -27,6 +27,7 @@ from mechscope.errors import InputError
 from mechscope.metrics import at_positions, logit_diff
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.resume import LayerInputs
+from mechscope.patching.suffix import length_buckets
 from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
 
@@ -107,7 +108,7 @@ class Knockouts:
         self.heads = {(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)}
         self.means = group_means(model, batch, reference)  # [batch, pos, head, d_head] per layer
         self.parts = []
-        for rows in length_buckets(batch.read_pos, buckets):
+        for rows in length_buckets(batch.read_pos + 1, buckets):
             n_pos = int(batch.read_pos[rows].max()) + 1  # what comes after a read position changes nothing there
             part = batch.take(rows, n_pos)
             means = {name: m[rows.to(m.device), :n_pos] for name, m in self.means.items()}
@@ -143,30 +144,6 @@ class Knockouts:
     def _mean(self, per_part: list[list[float]]) -> list[float]:
         """Per knockout set, the prompt-weighted mean of the parts' mean logit differences."""
         return [sum(w * values[j] for w, values in zip(self.weights, per_part)) for j in range(len(per_part[0]))]
-
-
-def length_buckets(read_pos: Tensor, buckets: int, least: int = 8) -> list[Tensor]:
-    """Prompt indices in up to `buckets` groups of consecutive lengths (by read position), cut where
-    the positions run (each group as long as its longest prompt) add up to the fewest; no group of
-    fewer than `least` prompts (small batches run matmuls slowly), and no cut that saves nothing."""
-    order = torch.argsort(read_pos.cpu(), stable=True)
-    length = (read_pos.cpu()[order] + 1).tolist()  # ascending
-    n = len(order)
-    # fewest[(i, g)]: (positions run, previous cut) for the first i prompts in g groups
-    fewest: dict[tuple[int, int], tuple[int, int]] = {(0, 0): (0, 0)}
-    for g in range(1, max(1, buckets) + 1):
-        for i in range(least if g > 1 or n >= least else n, n + 1):
-            options = [(fewest[(k, g - 1)][0] + (i - k) * length[i - 1], k)
-                       for k in range(0, i - least + 1 if g > 1 else 1) if (k, g - 1) in fewest]
-            if options:
-                fewest[(i, g)] = min(options)
-    g = min((g for g in range(1, buckets + 1) if (n, g) in fewest), key=lambda g: (fewest[(n, g)][0], g))
-    cuts, i = [], n
-    for g in range(g, 0, -1):
-        k = fewest[(i, g)][1]
-        cuts.append(order[k:i])
-        i = k
-    return cuts[::-1]
 
 
 class _Bucket:

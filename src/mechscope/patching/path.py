@@ -17,7 +17,9 @@ or `at` = "read" or given positions):
 - in step 1 every head after the sender is frozen, so no position reads another any more: each
   position is its own computation, and step 1 runs only the position the receivers read;
 - in step 2 the positions before the patched one are the target's, so each prompt runs from its
-  patched position on, over the target's keys and values (patching/suffix.py).
+  patched position on, over the target's keys and values (patching/suffix.py). Step 2 starts at
+  the first receiver's layer whatever the sender's, so it runs every sender's variants together,
+  with the prompts in groups of similar length (each group as long as its own longest prompt).
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
 from mechscope.metrics import Metric, at_positions, check_baselines, resolve_metric
 from mechscope.models.hooked import HookedModel, technique
-from mechscope.patching.exact import _mean_metric, masked_writer, variant_mask
+from mechscope.patching.exact import _mean_metric, _variants_per_chunk, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
 from mechscope.patching.resume import LayerInputs
 from mechscope.patching.sites import SITES
+from mechscope.patching.suffix import length_buckets
 from mechscope.progress import progress_bar
 from mechscope.tasks.batch import ContrastiveBatch
+
+
+LEAST_ROWS = 128  # rows (senders x prompts) of one step-2 run at least: fewer run matmuls slowly
 
 
 @technique
@@ -54,6 +60,7 @@ def path_patch(
     senders: Sequence[tuple[int, int]] | None = None,
     progress: bool = False,
     runs: "PathRuns | None" = None,
+    memory_mb: int = 512,
 ) -> PatchResult:
     """Effect of every sender head (layer x head, for the layers before the last receiver) on the
     metric through the receivers: metric(path-patched) - metric(target), averaged over prompts.
@@ -71,6 +78,7 @@ def path_patch(
 
     runs: the recorded source and target runs (`record_runs(model, batch, direction)`), to share
     between calls on one batch (the IOI study patches into several receivers); recorded if None.
+    memory_mb: roughly how much memory the variants of one batch may take (senders per batch).
     """
     start = time.perf_counter()
     cfg = model.cfg
@@ -99,6 +107,7 @@ def path_patch(
 
     wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
     values = torch.full((len(sender_layers), cfg.n_heads), float("nan"), dtype=wide)
+    pending: list[tuple[int, list[int], dict[str, Tensor]]] = []  # step 1 done, step 2 to run for all at once
     with torch.no_grad(), progress_bar(progress, sum(len(h) for h in chosen.values()), "path patching") as bar:
         for layer in sender_layers:
             heads = chosen[layer]
@@ -106,10 +115,13 @@ def path_patch(
             if not k:
                 continue
             if one_position:
-                values[layer, heads] = (_one_position(model, inputs, batch, fn, layer, heads, last, where, to_logits,
-                                                      receivers, receiver_input, recv_names, source_cache,
-                                                      target_cache) - baseline).cpu()
-                bar.advance(k)
+                done = _one_position(model, inputs, batch, fn, layer, heads, last, where, to_logits, recv_names,
+                                     source_cache, target_cache)
+                if to_logits:
+                    values[layer, heads] = (done - baseline).cpu()
+                    bar.advance(k)
+                else:
+                    pending.append((layer, heads, done))
                 continue
             frozen = _freeze_hooks(model, layer, heads, len(batch), source_cache, target_cache)
             hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
@@ -127,6 +139,14 @@ def path_patch(
                 logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k)
             values[layer, heads] = (_mean_metric(fn, logits, batch) - baseline).cpu()
             bar.advance(k)
+        if pending:  # step 2 of every sender at once: it starts at the first receiver's layer, whatever the sender's
+            recorded = {n: torch.cat([r[n] for *_, r in pending]) for n in recv_names}  # [senders * batch, head, d_head]
+            patched = _into_receivers_at(model, inputs, batch, fn, receivers, recorded, where,
+                                         _variants_per_chunk(model, batch, memory_mb), bar)  # [senders]
+            done = 0
+            for layer, heads, _ in pending:
+                values[layer, heads] = (patched[done:done + len(heads)] - baseline).cpu()
+                done += len(heads)
 
     labels = {"layer": [str(l) for l in sender_layers], "head": [str(h) for h in range(cfg.n_heads)]}
     receiver_text = "logits" if to_logits else [f"{l}.{h}" for l, h in receivers]
@@ -217,13 +237,14 @@ def record_runs(model: HookedModel, batch: ContrastiveBatch, direction: str = "n
     return PathRuns(batch, direction, source_read, target_read, source_cache, target_cache, inputs)
 
 
-def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, receivers,
-                  receiver_input, recv_names, source_cache, target_cache) -> Tensor:
-    """Both steps for receivers that read one position per prompt (`where` [batch]): the mean metric
-    of the k = len(heads) senders of `layer`, [k]."""
+def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, recv_names,
+                  source_cache, target_cache) -> Tensor | dict[str, Tensor]:
+    """Step 1 for receivers that read one position per prompt (`where` [batch]), for the k =
+    len(heads) senders of `layer`: with receivers="logits" the mean metric of each, [k]; else what
+    each variant's receivers get at their position, {hook name: [k * batch, head, d_head]}."""
     b, k = len(batch), len(heads)
     starts = where.repeat(k)  # [k * batch]
-    point = inputs.suffix(starts, batch.read_pos, length=1)  # step 1: the read position only
+    point = inputs.suffix(starts, batch.read_pos, length=1)  # the patched position only
     head_mask = torch.zeros(k, model.cfg.n_heads, dtype=torch.bool, device=model.device)  # [k, head]
     head_mask[torch.arange(k), torch.tensor(heads)] = True
     sender = head_mask.repeat_interleave(b, 0)[:, None, :, None]  # [k * batch, 1, head, 1]
@@ -239,30 +260,54 @@ def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, whe
         with model.hooks(fwd_hooks=hooks):
             return _mean_metric(fn, inputs.run(hidden, layer, k, batch.read_pos, point), batch)  # [k]
 
-    recorded = {}
+    # [k * batch, head, d_head] per receiver input; a receiver before the sender's layer keeps the target's
+    recorded = {n: point.first(target_cache[n]) for n in recv_names}
 
     def record(act, hook):
-        recorded[hook.name] = act[:, 0].detach().clone()  # [k * batch, head, d_head]
+        recorded[hook.name] = act[:, 0].detach().clone()
 
     with model.hooks(fwd_hooks=hooks + [(n, record) for n in recv_names]):
         inputs.run_layers(hidden, layer, last + 1, k, point)
+    return recorded
 
-    # Step 2: from each prompt's patched position on, the receivers' inputs there set as recorded.
-    suffix = inputs.suffix(starts, batch.read_pos)
+
+def _into_receivers_at(model, inputs: LayerInputs, batch, fn, receivers, recorded: dict[str, Tensor], where: Tensor,
+                       per_chunk: int, bar) -> Tensor:
+    """Step 2 at one position per prompt (`where` [batch]) for n senders at once: from each prompt's
+    patched position on, the receivers' inputs there set as recorded ({hook name: [n * batch, head,
+    d_head]}), resumed at the first receiver's layer. Chunks of `per_chunk` senders; the prompts in
+    groups of similar length (rows run from the patched position to the read position, so a group
+    pays only for its own longest). The mean metric of each sender, [n]."""
+    b = len(batch)
+    n = len(next(iter(recorded.values()))) // b
     first = min(l for l, _ in receivers)
-    writes = []
-    for name, value in recorded.items():
-        layer_heads = [h for l, h in receivers if l == int(name.split(".")[1])]
+    heads_of = {name: [h for l, h in receivers if l == int(name.split(".")[1])] for name in recorded}
+    lengths = (batch.read_pos.to(where.device) - where).clamp(min=0) + 1  # [batch]: positions each prompt runs
+    means = []
+    for lo in range(0, n, per_chunk):
+        k = min(per_chunk, n - lo)
+        logits = None  # [k, batch, d_vocab]
+        for group in length_buckets(lengths, buckets=4, least=-(-LEAST_ROWS // k)):
+            group = group.to(where.device)  # [g]
+            prompt = group.repeat(k)  # [k * g]: variant-major
+            suffix = inputs.suffix(where[prompt], batch.read_pos, prompt=prompt)
+            writes = []
+            for name, value in recorded.items():
+                rows = value.view(n, b, *value.shape[1:])[lo:lo + k, group].flatten(0, 1)  # [k * g, head, d_head]
 
-        def write(act, hook, value=value, layer_heads=layer_heads):
-            out = act.clone()  # [k * batch, length, head, d_head]
-            out[:, 0, layer_heads] = value[:, layer_heads]
-            return out
+                def write(act, hook, rows=rows, heads=heads_of[name]):
+                    out = act.clone()  # [k * g, length, head, d_head]
+                    out[:, 0, heads] = rows[:, heads]
+                    return out
 
-        writes.append((name, write))
-    with model.hooks(fwd_hooks=writes):
-        logits = inputs.run(suffix.gather(inputs.resid[first]), first, k, batch.read_pos, suffix)  # [k, batch, d_vocab]
-    return _mean_metric(fn, logits, batch)
+                writes.append((name, write))
+            with model.hooks(fwd_hooks=writes):
+                part = inputs.run(suffix.gather(inputs.resid[first]), first, k, batch.read_pos, suffix)  # [k, g, d_vocab]
+            logits = part.new_empty(k, b, part.shape[-1]) if logits is None else logits
+            logits[:, group] = part
+        means.append(_mean_metric(fn, logits, batch))  # [k]
+        bar.advance(k)
+    return torch.cat(means)
 
 
 def _freeze_hooks(model, layer: int, heads: list[int], b: int, source_cache, target_cache) -> list:

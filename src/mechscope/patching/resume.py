@@ -82,13 +82,15 @@ class LayerInputs:
         self.keys = [layer.keys for layer in cache.layers]
         self.values = [layer.values for layer in cache.layers]
 
-    def suffix(self, starts: Tensor, read_pos: Tensor, length: int | None = None) -> Suffix:
+    def suffix(self, starts: Tensor, read_pos: Tensor, length: int | None = None,
+               prompt: Tensor | None = None) -> Suffix:
         """Rows (variant-major) that start at starts [k * batch] and run to their read positions, or
-        `length` positions."""
+        `length` positions. prompt [rows]: the prompt each row runs, for rows over some prompts only
+        (variant-major, the same prompts per variant); by default every prompt once per variant."""
         n_pos = self.resid[0].shape[1]
         if length is not None:
-            return Suffix(starts, length, self.batch_size, n_pos)
-        return Suffix.through(starts, read_pos, self.batch_size, n_pos)
+            return Suffix(starts, length, self.batch_size, n_pos, prompt)
+        return Suffix.through(starts, read_pos, self.batch_size, n_pos, prompt)
 
     def _tile(self, value: Any, k: int, done: dict[int, Tensor]) -> Any:
         """Repeat batch-indexed tensors k times along the batch (variant-major); a tensor that every
@@ -161,7 +163,8 @@ class LayerInputs:
         return self.read(self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix), k, read_pos, suffix)
 
     def read(self, hidden: Tensor, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
-        """Logits at the read positions [k, batch, d_vocab] from the last layer's output hidden."""
+        """Logits at the read positions [k, batch, d_vocab] from the last layer's output hidden (with a
+        suffix over some prompts only, [k, those prompts, d_vocab])."""
         if suffix is not None:
             read = read_pos.to(hidden.device)[suffix.prompt.to(hidden.device)]  # [k * batch]
             at = read - suffix.starts.to(hidden.device)  # [k * batch]: index in the suffix
@@ -169,6 +172,6 @@ class LayerInputs:
             final = hidden[rows, at.clamp(0, suffix.length - 1)]  # [k * batch, d_model]
             before = self.final[suffix.prompt.to(hidden.device), read]  # [k * batch, d_model]
             final = torch.where((at < 0)[:, None], before, final)
-            return self.model.logits_from_resid(final.view(k, self.batch_size, -1))  # [k, batch, d_vocab]
+            return self.model.logits_from_resid(final.view(k, len(at) // k, -1))  # [k, batch, d_vocab]
         final = at_positions(hidden.view(k, self.batch_size, *hidden.shape[1:]), read_pos)  # [k, batch, d_model]
         return self.model.logits_from_resid(final)  # [k, batch, d_vocab]

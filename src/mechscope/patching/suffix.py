@@ -30,20 +30,22 @@ CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "layer_past")
 class Suffix:
     """Which positions each row runs: starts [rows] and a common length."""
 
-    def __init__(self, starts: Tensor, length: int, batch_size: int, n_pos: int):
+    def __init__(self, starts: Tensor, length: int, batch_size: int, n_pos: int, prompt: Tensor | None = None):
         self.starts = starts  # [rows]
         self.length, self.batch_size, self.n_pos = length, batch_size, n_pos
-        self.prompt = torch.arange(len(starts), device=starts.device) % batch_size  # [rows]
+        # [rows]: the prompt each row runs; by default every prompt once per variant (variant-major)
+        self.prompt = torch.arange(len(starts), device=starts.device) % batch_size if prompt is None else prompt
         steps = torch.arange(length, device=starts.device)
         self.positions = (starts[:, None] + steps).clamp(max=n_pos - 1)  # [rows, length]
         self._masks: dict[int, Tensor] = {}
 
     @classmethod
-    def through(cls, starts: Tensor, read_pos: Tensor, batch_size: int, n_pos: int) -> "Suffix":
+    def through(cls, starts: Tensor, read_pos: Tensor, batch_size: int, n_pos: int,
+                prompt: Tensor | None = None) -> "Suffix":
         """Rows from starts [rows] to the furthest read position after them."""
-        prompt = torch.arange(len(starts), device=starts.device) % batch_size
+        prompt = torch.arange(len(starts), device=starts.device) % batch_size if prompt is None else prompt
         length = int((read_pos.to(starts.device)[prompt] - starts).max().clamp(min=0)) + 1
-        return cls(starts, length, batch_size, n_pos)
+        return cls(starts, length, batch_size, n_pos, prompt)
 
     def gather(self, t: Tensor) -> Tensor:
         """A recorded [batch (or 1), pos, ...] tensor at each row's positions: [rows, length, ...]."""
@@ -74,6 +76,31 @@ class Suffix:
             self._masks[key] = torch.zeros(both.shape, dtype=dtype, device=device).masked_fill(
                 ~both, torch.finfo(dtype).min)[:, None]
         return self._masks[key]
+
+
+def length_buckets(lengths: Tensor, buckets: int, least: int = 8) -> list[Tensor]:
+    """Indices of `lengths` [n] (the positions each prompt runs) in up to `buckets` groups of
+    consecutive lengths, cut where the positions run (each group as long as its longest member)
+    add up to the fewest; no group of fewer than `least` members (small batches run matmuls
+    slowly), and no cut that saves nothing."""
+    order = torch.argsort(lengths.cpu(), stable=True)
+    length = lengths.cpu()[order].tolist()  # ascending
+    n = len(order)
+    # fewest[(i, g)]: (positions run, previous cut) for the first i members in g groups
+    fewest: dict[tuple[int, int], tuple[int, int]] = {(0, 0): (0, 0)}
+    for g in range(1, max(1, buckets) + 1):
+        for i in range(least if g > 1 or n >= least else n, n + 1):
+            options = [(fewest[(k, g - 1)][0] + (i - k) * length[i - 1], k)
+                       for k in range(0, i - least + 1 if g > 1 else 1) if (k, g - 1) in fewest]
+            if options:
+                fewest[(i, g)] = min(options)
+    g = min((g for g in range(1, buckets + 1) if (n, g) in fewest), key=lambda g: (fewest[(n, g)][0], g))
+    cuts, i = [], n
+    for g in range(g, 0, -1):
+        k = fewest[(i, g)][1]
+        cuts.append(order[k:i])
+        i = k
+    return cuts[::-1]
 
 
 class LayerCall:
