@@ -65,6 +65,20 @@ def kl_div(logits: Tensor, batch: "ContrastiveBatch", *, reference: Tensor) -> T
 METRICS = {"logit_diff": logit_diff, "answer_prob": answer_prob, "kl_div": kl_div}
 
 
+def narrow(fn: Metric, batch: "ContrastiveBatch") -> tuple[Tensor | None, Metric]:
+    """(tokens [batch, t], the metric of the logits [..., batch, t] of those tokens only) for a metric
+    that reads a few logits (logit_diff: the answer's and the wrong answer's), so that patched runs
+    unembed only those (`HookedModel.logits_from_resid(tokens=)`; smollm2: 2 of 49,152 columns);
+    (None, fn) for any other metric, which gets every logit."""
+    if fn is logit_diff:
+        return torch.stack([batch.answer, batch.wrong], -1), _narrow_logit_diff
+    return None, fn
+
+
+def _narrow_logit_diff(logits: Tensor, batch: "ContrastiveBatch") -> Tensor:
+    return logits[..., 0] - logits[..., 1]  # [..., batch]: the answer's column minus the wrong answer's
+
+
 def check_metric_name(metric: str | Metric) -> None:
     """An InputError unless `metric` is a built-in metric's name or a function (before any work)."""
     if not callable(metric) and metric not in METRICS:

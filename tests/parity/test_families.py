@@ -121,6 +121,27 @@ def test_direct_logit_attribution_adds_up_to_the_logits(pair):
     torch.testing.assert_close(total if cap is None else torch.tanh(total / cap) * cap, logits, **exact_for(model))
 
 
+def test_the_logits_of_some_tokens_are_those_of_every_token(pair):
+    """logits_from_resid(tokens=): each prompt's chosen tokens' logits, as the full unembedding gives
+    them (biases, Cohere's scale and Gemma 2's soft-cap included), through the narrow product and
+    through the fallback for a head that is not a plain matrix."""
+    hf, model = pair
+    resid = torch.randn(3, 2, model.cfg.d_model, dtype=model.dtype, generator=torch.Generator().manual_seed(2))
+    tokens = torch.tensor([[5, 200, 7], [9, 9, 31]])  # [batch, t]
+    full = model.logits_from_resid(resid)  # [3, batch, d_vocab]
+    expected = full.gather(-1, tokens.expand(3, 2, 3))
+    torch.testing.assert_close(model.logits_from_resid(resid, tokens), expected, **exact_for(model))
+
+    class Wrapped(torch.nn.Linear):  # not exactly nn.Linear: the fallback
+        pass
+
+    head = model.adapter.unembed
+    wrapped = Wrapped(head.in_features, head.out_features, bias=head.bias is not None, dtype=model.dtype)
+    wrapped.load_state_dict(head.state_dict())
+    hf.set_output_embeddings(wrapped)
+    torch.testing.assert_close(model.logits_from_resid(resid, tokens), expected, **exact_for(model))
+
+
 def test_per_head_inputs_are_what_each_head_reads(pair):
     """hook_q_input|k_input|v_input: read, resid_pre once per head; another prompt's resid_pre
     written into head h's copy is exactly that prompt's q (k, v) written into head h, and nothing

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mechscope.errors import InputError
-from mechscope.metrics import at_positions, logit_diff
+from mechscope.metrics import at_positions, logit_diff, narrow
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.resume import LayerInputs
 from mechscope.patching.suffix import length_buckets
@@ -243,8 +243,9 @@ class _Bucket:
     def _logit_diffs(self, final: Tensor, k: int) -> list[float]:
         """Mean logit difference of k variants from their residual streams after the last layer."""
         resid = at_positions(final.view(k, len(self.batch), *final.shape[1:]), self.batch.read_pos)  # [k, batch, d_model]
+        tokens, fn = narrow(logit_diff, self.batch)  # only the two logits it reads
         with torch.no_grad():
-            return logit_diff(self.model.logits_from_resid(resid), self.batch).mean(-1).tolist()
+            return fn(self.model.logits_from_resid(resid, tokens), self.batch).mean(-1).tolist()
 
 
 @dataclass(frozen=True)

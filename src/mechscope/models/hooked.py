@@ -214,11 +214,23 @@ class HookedModel:
             )
         return tokens.to(self.device)
 
-    def logits_from_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+    def logits_from_resid(self, resid: Float[Tensor, "... d_model"], tokens: Tensor | None = None) -> Tensor:
         """What the model's head makes of a final residual stream: final norm, unembedding (and
-        Gemma's logit soft-capping, where configured). Lets a caller unembed only some positions."""
+        Gemma's logit soft-capping, where configured), [..., d_vocab]. Lets a caller unembed only
+        some positions, and with `tokens` [batch, t] (resid [..., batch, d_model]) only those tokens'
+        logits of each prompt, [..., batch, t]."""
         a = self.adapter
-        logits = a.unembed(a.module(a.final_norm)(resid))
+        normed = a.module(a.final_norm)(resid)
+        head = a.unembed
+        if tokens is None:
+            logits = head(normed)  # [..., d_vocab]
+        elif type(head) is torch.nn.Linear and not hasattr(head, "_hf_hook") and head.weight.device.type != "meta":
+            tokens = tokens.to(head.weight.device)
+            logits = torch.einsum("...bd,btd->...bt", normed, head.weight[tokens])  # [..., batch, t]
+            logits = logits if head.bias is None else logits + head.bias[tokens]
+        else:  # a head that is not a plain matrix (quantized, offloaded): every logit, then the tokens'
+            full = head(normed)  # [..., batch, d_vocab]
+            logits = full.gather(-1, tokens.to(full.device).expand(*full.shape[:-1], tokens.shape[-1]))
         logits = logits if a.logit_scale is None else logits * a.logit_scale
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -2,14 +2,17 @@
 
 For every component (a layer, a head, optionally at one position) the engine puts the source run's
 activation into the target run (denoising: clean into corrupt; noising: corrupt into clean) and
-measures the metric. Three things make it fast without changing a number:
+measures the metric. Five things make it fast without changing a number:
 1. each patched run resumes from the target's cached residual stream at the patched layer;
 2. the variants of one layer run as one batch (chunked by `memory_mb`), each row patching its own
    component through a mask;
-3. only the positions the metric reads are unembedded;
+3. only the positions the metric reads are unembedded, and for logit_diff only the two tokens it
+   reads (`metrics.narrow`);
 4. positions before the first one a variant changes are the target's, so each row runs only from
    there on, on top of the target's keys and values (patching/suffix.py): the patched position
-   per position, the first token where source and target differ otherwise.
+   per position, the first token where source and target differ otherwise;
+5. per position, a position before every prompt's first difference is not run at all: both runs
+   hold the same activation there (it sees the same tokens), so its effect is 0.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mechscope.metrics import Metric, check_baselines, read_logits, resolve_metric, widen
+from mechscope.metrics import Metric, check_baselines, narrow, read_logits, resolve_metric, widen
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.result import PatchResult
 from mechscope.progress import progress_bar
@@ -94,20 +97,25 @@ def activation_patch(
     corrupt_metric = _mean_metric(fn, read_logits(corrupt_logits, batch)[None], batch).item()
     check_baselines(name, clean_metric, corrupt_metric)
     baseline = corrupt_metric if direction == "denoise" else clean_metric
+    tokens, fn = narrow(fn, batch)  # patched runs unembed only the logits the metric reads
 
     wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
     values = torch.zeros(len(layers), len(heads), len(positions), dtype=wide)  # squeezed to the result's axes below
-    components = [(hi, h, pi, p) for pi, p in enumerate(positions) for hi, h in enumerate(heads)]
+    # A position before every prompt's first difference holds the same activation in both runs (it sees
+    # the same tokens): patching it changes nothing, so its effect is 0 without a run (IOI: 2 of 14)
+    shared = int(differ.min())
+    components = [(hi, h, pi, p) for pi, p in enumerate(positions) if p is None or p >= shared
+                  for hi, h in enumerate(heads)]
     per_chunk = _variants_per_chunk(model, batch, memory_mb)
     with torch.no_grad(), progress_bar(progress, len(layers) * len(components), f"patching {site}") as bar:
         if by_position and per_position:  # batches of nearby positions, each variant joining at its layer
-            every = [(li, hi, h, pi, p) for pi, p in enumerate(positions) for li in range(len(layers))
+            every = [(li, hi, h, pi, p) for pi, p in enumerate(positions) if p >= shared for li in range(len(layers))
                      for hi, h in enumerate(heads)]
             # A quarter of the full-run budget: joined batches keep more alive than _variants_per_chunk
             # counts (smollm2, 6 prompts, resid_pre by position: 25 s and a 1.5 GB peak, against 29 s and 2.6 GB).
             for chunk in _position_chunks(every, max(1, per_chunk // 4), int(batch.read_pos.max())):
                 chunk.sort(key=lambda c: layers[c[0]])
-                patched = _joined_metric(model, inputs, batch, fn, spec, layers, source_cache, chunk)  # [k]
+                patched = _joined_metric(model, inputs, batch, fn, tokens, spec, layers, source_cache, chunk)  # [k]
                 for (li, hi, _, pi, _), value in zip(chunk, patched):
                     values[li, hi, pi] = value.item() - baseline
                 bar.advance(len(chunk))
@@ -116,11 +124,11 @@ def activation_patch(
             for chunk in [components[i : i + per_chunk] for i in range(0, len(components), per_chunk)]:
                 if by_position:  # all positions, from the first token where source and target differ
                     heads_mask = variant_mask(spec, src.shape[1:], [(h, None) for _, h, _, _ in chunk])
-                    patched = _suffix_metric(model, inputs, batch, fn, layer, hooks[li], src, heads_mask[:, 0],
-                                             differ.repeat(len(chunk)))  # [k]
+                    patched = _suffix_metric(model, inputs, batch, fn, tokens, layer, hooks[li], src,
+                                             heads_mask[:, 0], differ.repeat(len(chunk)))  # [k]
                 else:
                     mask = variant_mask(spec, src.shape[1:], [(h, p) for _, h, _, p in chunk])
-                    patched = _patched_metric(model, inputs, batch, fn, layer, hooks[li], src, mask)  # [k]
+                    patched = _patched_metric(model, inputs, batch, fn, tokens, layer, hooks[li], src, mask)  # [k]
                 for (hi, _, pi, _), value in zip(chunk, patched):
                     values[li, hi, pi] = value.item() - baseline
                 bar.advance(len(chunk))
@@ -142,17 +150,18 @@ def activation_patch(
     )
 
 
-def _patched_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, mask: Tensor) -> Tensor:
+def _patched_metric(model, inputs: LayerInputs, batch, fn, tokens, layer: int, hook: str, src: Tensor,
+                    mask: Tensor) -> Tensor:
     """The mean metric of k patched variants, run as one batch from `layer` on: [k]."""
     k = mask.shape[0]
     hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
     with model.hooks(fwd_hooks=[(hook, masked_writer(src, mask, len(batch)))]):
-        logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
+        logits = inputs.run(hidden, layer, k, batch.read_pos, tokens=tokens)  # [k, batch, d_vocab or tokens]
     return _mean_metric(fn, logits, batch)
 
 
-def _suffix_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str, src: Tensor, heads: Tensor,
-                   starts: Tensor) -> Tensor:
+def _suffix_metric(model, inputs: LayerInputs, batch, fn, tokens, layer: int, hook: str, src: Tensor,
+                   heads: Tensor, starts: Tensor) -> Tensor:
     """`_patched_metric` for variants that patch every position and leave those before starts
     [k * batch] alone (the source's are the target's there): each row runs from its start on;
     heads [k, *site shape without pos] marks what variant j patches."""
@@ -162,11 +171,11 @@ def _suffix_metric(model, inputs: LayerInputs, batch, fn, layer: int, hook: str,
     where = heads.repeat_interleave(len(batch), 0).to(src.device)[:, None]  # [k * batch, 1, *rest]
     rows = suffix.gather(src)  # [k * batch, length, *rest]
     with model.hooks(fwd_hooks=[(hook, lambda act, _: torch.where(where, rows.to(act.device), act))]):
-        logits = inputs.run(hidden, layer, k, batch.read_pos, suffix)  # [k, batch, d_vocab]
+        logits = inputs.run(hidden, layer, k, batch.read_pos, suffix, tokens)  # [k, batch, d_vocab or tokens]
     return _mean_metric(fn, logits, batch)
 
 
-def _joined_metric(model, inputs: LayerInputs, batch, fn, spec: PatchSite, layers: list[int], source_cache,
+def _joined_metric(model, inputs: LayerInputs, batch, fn, tokens, spec: PatchSite, layers: list[int], source_cache,
                    chunk: list) -> Tensor:
     """Per-position variants (layer index, head index, head, position index, position), in order of
     layer, as one batch: each joins at its layer and runs from its position on, the source's
@@ -194,7 +203,7 @@ def _joined_metric(model, inputs: LayerInputs, batch, fn, spec: PatchSite, layer
         hooks.append((spec.hook_name(layer), write))
         done += count
     with model.hooks(fwd_hooks=hooks):
-        logits = inputs.run_joined(suffix, joins, batch.read_pos)  # [k, batch, d_vocab]
+        logits = inputs.run_joined(suffix, joins, batch.read_pos, tokens)  # [k, batch, d_vocab or tokens]
     return _mean_metric(fn, logits, batch)
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from mechscope.cache import ActivationCache
 from mechscope.errors import InputError
-from mechscope.metrics import Metric, at_positions, check_baselines, resolve_metric
+from mechscope.metrics import Metric, at_positions, check_baselines, narrow, resolve_metric
 from mechscope.models.hooked import HookedModel, technique
 from mechscope.patching.exact import _mean_metric, _variants_per_chunk, masked_writer, variant_mask
 from mechscope.patching.result import PatchResult
@@ -104,6 +104,7 @@ def path_patch(
     where = batch.read_pos if to_logits or isinstance(at, str) and at == "read" else at
     where = where.to(model.device) if isinstance(where, Tensor) else where
     name, fn, baseline, clean_metric, corrupt_metric = runs.metric(metric)
+    tokens, fn = narrow(fn, batch)  # patched runs unembed only the logits the metric reads
 
     wide = torch.promote_types(model.dtype, torch.float32)  # float64 models measure in float64
     values = torch.full((len(sender_layers), cfg.n_heads), float("nan"), dtype=wide)
@@ -115,8 +116,8 @@ def path_patch(
             if not k:
                 continue
             if one_position:
-                done = _one_position(model, inputs, batch, fn, layer, heads, last, where, to_logits, recv_names,
-                                     source_cache, target_cache)
+                done = _one_position(model, inputs, batch, fn, tokens, layer, heads, last, where, to_logits,
+                                     recv_names, source_cache, target_cache)
                 if to_logits:
                     values[layer, heads] = (done - baseline).cpu()
                     bar.advance(k)
@@ -127,7 +128,7 @@ def path_patch(
             hidden = inputs.resid[layer].repeat(k, 1, 1)  # [k * batch, pos, d_model]
             if to_logits:
                 with model.hooks(fwd_hooks=frozen):
-                    logits = inputs.run(hidden, layer, k, batch.read_pos)  # [k, batch, d_vocab]
+                    logits = inputs.run(hidden, layer, k, batch.read_pos, tokens=tokens)  # [k, batch, d_vocab]
             else:
                 recorded = {n: target_cache[n].repeat(k, *([1] * (target_cache[n].ndim - 1))) for n in recv_names}
 
@@ -136,12 +137,12 @@ def path_patch(
 
                 with model.hooks(fwd_hooks=frozen + [(n, record) for n in recv_names]):
                     inputs.run_layers(hidden, layer, last + 1, k)
-                logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k)
+                logits = _into_receivers(model, inputs, batch, receivers, receiver_input, at, recorded, k, tokens)
             values[layer, heads] = (_mean_metric(fn, logits, batch) - baseline).cpu()
             bar.advance(k)
         if pending:  # step 2 of every sender at once: it starts at the first receiver's layer, whatever the sender's
             recorded = {n: torch.cat([r[n] for *_, r in pending]) for n in recv_names}  # [senders * batch, head, d_head]
-            patched = _into_receivers_at(model, inputs, batch, fn, receivers, recorded, where,
+            patched = _into_receivers_at(model, inputs, batch, fn, tokens, receivers, recorded, where,
                                          _variants_per_chunk(model, batch, memory_mb), bar)  # [senders]
             done = 0
             for layer, heads, _ in pending:
@@ -237,7 +238,7 @@ def record_runs(model: HookedModel, batch: ContrastiveBatch, direction: str = "n
     return PathRuns(batch, direction, source_read, target_read, source_cache, target_cache, inputs)
 
 
-def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, where, to_logits, recv_names,
+def _one_position(model, inputs: LayerInputs, batch, fn, tokens, layer, heads, last, where, to_logits, recv_names,
                   source_cache, target_cache) -> Tensor | dict[str, Tensor]:
     """Step 1 for receivers that read one position per prompt (`where` [batch]), for the k =
     len(heads) senders of `layer`: with receivers="logits" the mean metric of each, [k]; else what
@@ -258,7 +259,7 @@ def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, whe
     hidden = point.gather(inputs.resid[layer])  # [k * batch, 1, d_model]
     if to_logits:
         with model.hooks(fwd_hooks=hooks):
-            return _mean_metric(fn, inputs.run(hidden, layer, k, batch.read_pos, point), batch)  # [k]
+            return _mean_metric(fn, inputs.run(hidden, layer, k, batch.read_pos, point, tokens), batch)  # [k]
 
     # [k * batch, head, d_head] per receiver input; a receiver before the sender's layer keeps the target's
     recorded = {n: point.first(target_cache[n]) for n in recv_names}
@@ -271,8 +272,8 @@ def _one_position(model, inputs: LayerInputs, batch, fn, layer, heads, last, whe
     return recorded
 
 
-def _into_receivers_at(model, inputs: LayerInputs, batch, fn, receivers, recorded: dict[str, Tensor], where: Tensor,
-                       per_chunk: int, bar) -> Tensor:
+def _into_receivers_at(model, inputs: LayerInputs, batch, fn, tokens, receivers, recorded: dict[str, Tensor],
+                       where: Tensor, per_chunk: int, bar) -> Tensor:
     """Step 2 at one position per prompt (`where` [batch]) for n senders at once: from each prompt's
     patched position on, the receivers' inputs there set as recorded ({hook name: [n * batch, head,
     d_head]}), resumed at the first receiver's layer. Chunks of `per_chunk` senders; the prompts in
@@ -302,7 +303,8 @@ def _into_receivers_at(model, inputs: LayerInputs, batch, fn, receivers, recorde
 
                 writes.append((name, write))
             with model.hooks(fwd_hooks=writes):
-                part = inputs.run(suffix.gather(inputs.resid[first]), first, k, batch.read_pos, suffix)  # [k, g, d_vocab]
+                hidden = suffix.gather(inputs.resid[first])  # [k * g, length, d_model]
+                part = inputs.run(hidden, first, k, batch.read_pos, suffix, tokens)  # [k, g, d_vocab or tokens]
             logits = part.new_empty(k, b, part.shape[-1]) if logits is None else logits
             logits[:, group] = part
         means.append(_mean_metric(fn, logits, batch))  # [k]
@@ -326,7 +328,7 @@ def _freeze_hooks(model, layer: int, heads: list[int], b: int, source_cache, tar
     return hooks
 
 
-def _into_receivers(model, inputs: LayerInputs, batch, receivers, receiver_input, at, recorded, k) -> Tensor:
+def _into_receivers(model, inputs: LayerInputs, batch, receivers, receiver_input, at, recorded, k, tokens) -> Tensor:
     """Step 2: the target again, with the receivers' inputs set to what step 1 recorded: [k, batch, d_vocab]."""
     b = len(batch)
     first = min(layer for layer, _ in receivers)
@@ -349,4 +351,4 @@ def _into_receivers(model, inputs: LayerInputs, batch, receivers, receiver_input
         hooks.append((name, write))
     hidden = inputs.resid[first].repeat(k, 1, 1)  # [k * batch, pos, d_model]
     with model.hooks(fwd_hooks=hooks):
-        return inputs.run(hidden, first, k, batch.read_pos)
+        return inputs.run(hidden, first, k, batch.read_pos, tokens=tokens)

@@ -130,11 +130,11 @@ class LayerInputs:
             hidden = out[0] if isinstance(out, tuple) else out  # [k * batch, pos, d_model]
         return hidden
 
-    def run_joined(self, suffix: Suffix, joins: dict[int, int], read_pos: Tensor) -> Tensor:
+    def run_joined(self, suffix: Suffix, joins: dict[int, int], read_pos: Tensor, tokens: Tensor | None = None) -> Tensor:
         """Variants that start at different layers, in one batch: joins {layer: how many variants start
         there}, the suffix's rows (variant-major) in order of layer. Each variant joins the batch at its
         layer with the recorded residual stream there and runs from its start position on. Logits at
-        the read positions, [k, batch, d_vocab]."""
+        the read positions, [k, batch, d_vocab] (or of `tokens`, as `read` says)."""
         b, n_pos, hidden, present = self.batch_size, suffix.n_pos, None, 0
         for layer in range(min(joins), self.model.cfg.n_layers):
             if joins.get(layer):
@@ -144,7 +144,7 @@ class LayerInputs:
                 present += joins[layer]
                 part = Suffix(suffix.starts[: present * b], suffix.length, b, n_pos)  # the rows present
             hidden = self._suffix_layer(hidden, layer, part)  # [present * batch, length, d_model]
-        return self.read(hidden, present, read_pos, suffix)
+        return self.read(hidden, present, read_pos, suffix, tokens)
 
     def _suffix_layer(self, hidden: Tensor, layer: int, suffix: Suffix) -> Tensor:
         """One layer on hidden [rows, length, d_model] at the suffix's positions, over a cache of that
@@ -157,14 +157,18 @@ class LayerInputs:
         cache.update(self.keys[layer][suffix.prompt], self.values[layer][suffix.prompt], layer)
         return self._calls[layer].run_suffix(hidden, suffix, cache)
 
-    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
+    def run(self, hidden: Tensor, start: int, k: int, read_pos: Tensor, suffix: Suffix | None = None,
+            tokens: Tensor | None = None) -> Tensor:
         """Layers start.. on hidden [k * batch, pos, d_model]; logits at the read positions, [k, batch, d_vocab].
         With a suffix, a row whose read position comes before its start reads the recorded run."""
-        return self.read(self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix), k, read_pos, suffix)
+        hidden = self.run_layers(hidden, start, self.model.cfg.n_layers, k, suffix)
+        return self.read(hidden, k, read_pos, suffix, tokens)
 
-    def read(self, hidden: Tensor, k: int, read_pos: Tensor, suffix: Suffix | None = None) -> Tensor:
+    def read(self, hidden: Tensor, k: int, read_pos: Tensor, suffix: Suffix | None = None,
+             tokens: Tensor | None = None) -> Tensor:
         """Logits at the read positions [k, batch, d_vocab] from the last layer's output hidden (with a
-        suffix over some prompts only, [k, those prompts, d_vocab])."""
+        suffix over some prompts only, [k, those prompts, d_vocab]); with tokens [batch, t], only
+        those tokens' logits of each prompt, [k, batch, t] (`metrics.narrow`)."""
         if suffix is not None:
             read = read_pos.to(hidden.device)[suffix.prompt.to(hidden.device)]  # [k * batch]
             at = read - suffix.starts.to(hidden.device)  # [k * batch]: index in the suffix
@@ -172,6 +176,8 @@ class LayerInputs:
             final = hidden[rows, at.clamp(0, suffix.length - 1)]  # [k * batch, d_model]
             before = self.final[suffix.prompt.to(hidden.device), read]  # [k * batch, d_model]
             final = torch.where((at < 0)[:, None], before, final)
-            return self.model.logits_from_resid(final.view(k, len(at) // k, -1))  # [k, batch, d_vocab]
+            prompts = suffix.prompt[: len(at) // k]  # each variant's prompts, in order
+            tokens = None if tokens is None else tokens[prompts.to(tokens.device)]
+            return self.model.logits_from_resid(final.view(k, len(at) // k, -1), tokens)  # [k, batch, d_vocab]
         final = at_positions(hidden.view(k, self.batch_size, *hidden.shape[1:]), read_pos)  # [k, batch, d_model]
-        return self.model.logits_from_resid(final)  # [k, batch, d_vocab]
+        return self.model.logits_from_resid(final, tokens)  # [k, batch, d_vocab]
