@@ -52,7 +52,7 @@ def run_one(args, method: str) -> dict:
     graph = Graph.from_model(model)
     extra = {}
     if method == "acdc":
-        ev = Evaluator(model, batch, graph)
+        ev = Evaluator(model, batch, graph, gradients=True)
         ig = discover(model, batch, method="eap-ig", evaluator=ev)
         candidates = ig.circuit(edges=args.acdc_top, prune=False).mask
         sync()
@@ -64,7 +64,7 @@ def run_one(args, method: str) -> dict:
     else:
         sync()
         start = time.perf_counter()
-        ev = Evaluator(model, batch, graph)
+        ev = Evaluator(model, batch, graph, gradients=True)  # the clean recording is EAP's gradient pass
         scores = discover(model, batch, method=method, evaluator=ev)
         sync()
         seconds = time.perf_counter() - start

@@ -95,6 +95,16 @@ def test_eap_is_the_gradient_of_the_edge_mask(model):
     torch.testing.assert_close(eap.values, grad[0], **exact_for(model))
     ig1 = discover(model, batch, method="eap-ig", steps=1, evaluator=ev)
     torch.testing.assert_close(ig1.values, eap.values, atol=0, rtol=0)
+    # The clean recording as the gradient pass: the same scores, for EAP and EAP-IG's last point
+    shared = Evaluator(model, batch, ev.graph, gradients=True)
+    assert shared.patcher.clean_grads is not None
+    torch.testing.assert_close(discover(model, batch, method="eap", evaluator=shared).values, eap.values,
+                               **exact_for(model))
+    assert shared.patcher.clean_grads is None  # used once, then freed
+    ig3 = discover(model, batch, method="eap-ig", steps=3, evaluator=ev)
+    again = Evaluator(model, batch, ev.graph, gradients=True)
+    torch.testing.assert_close(discover(model, batch, method="eap-ig", steps=3, evaluator=again).values, ig3.values,
+                               **exact_for(model))
 
 
 @pytest.mark.parametrize("family", ["olmo2", "olmoe", "opt", "bloom", "falcon-new"])

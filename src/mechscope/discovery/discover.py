@@ -1,9 +1,10 @@
 """One signature for every discovery method: `discover(model, batch, method=...) -> EdgeScores`.
 
 Methods (cost in plain forwards of the batch; a backward without weight gradients costs about one):
-- "eap": attribution at the clean run: 2 recording forwards + 1 forward and 1 backward.
-- "eap-ig": EAP-IG, the input embeddings interpolated (`steps`, default 5): 2 + 2 * steps.
-- "eap-ig-activations": EAP-IG with every writer's output interpolated: 2 + 2 * steps.
+- "eap": attribution at the clean run: 2 recording forwards (the clean one with gradients) + 1 backward.
+- "eap-ig": EAP-IG, the input embeddings interpolated (`steps`, default 5): 2 + 2 * steps - 1 (its
+  last point is the clean run, the recording's).
+- "eap-ig-activations": EAP-IG with every writer's output interpolated: 2 + 2 * steps - 1.
 - "exact": each edge ablated alone (the slow reference): one resumed run per edge.
 - "acdc": ACDC (`threshold`; `candidates`, an EdgeScores or edge names, restricts it to those
   edges): one resumed run per edge tried.
@@ -29,6 +30,7 @@ from mechscope.models.hooked import HookedModel, technique
 from mechscope.tasks.batch import ContrastiveBatch
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations", "exact", "acdc")
+EAP_METHODS = ("eap", "eap-ig", "eap-ig-activations")
 
 
 @technique
@@ -65,11 +67,12 @@ def discover(
                                   or (isinstance(metric, str) and metric != evaluator.metric_name)):
         raise InputError("this evaluator was built for another graph, batch, ablation or metric; build one with "
                          "Evaluator(model, batch, graph, ablation=..., metric=...) or leave it out")
-    ev = evaluator or Evaluator(model, batch, graph, ablation=ablation, metric=metric, memory_mb=memory_mb)
+    ev = evaluator or Evaluator(model, batch, graph, ablation=ablation, metric=metric, memory_mb=memory_mb,
+                                gradients=method in EAP_METHODS)  # EAP's gradient pass is the clean recording
     extra: dict = {"graph": graph.to_spec(), "n_nodes": graph.n_nodes, "n_edges_total": graph.n_edges,
                    "clean_metric": ev.clean, "empty_metric": ev.empty}
     kept = None
-    if method in ("eap", "eap-ig", "eap-ig-activations"):
+    if method in EAP_METHODS:
         n = 1 if method == "eap" else steps
         values = edge_attribution(ev.patcher, ev.fn, steps=n,
                                   interpolate="activations" if method == "eap-ig-activations" else "inputs")

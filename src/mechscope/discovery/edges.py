@@ -26,6 +26,7 @@ The steps of `EdgePatcher.run(masks)` (masks [k, n_edges], one row per variant, 
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 
 import torch
@@ -51,7 +52,7 @@ class EdgePatcher:
     """The clean and ablated runs of one batch, recorded once; `run(masks)` patches edges on them."""
 
     def __init__(self, model: HookedModel, graph: Graph, batch: ContrastiveBatch, *, ablation: str = "corrupt",
-                 memory_mb: int = 2048):
+                 memory_mb: int = 2048, gradients=None):
         check_ablation(ablation)
         if graph.spec.n_layers != model.cfg.n_layers or graph.spec.n_heads != model.cfg.n_heads:
             raise InputError("this graph was built for another model; use Graph.from_model(model)")
@@ -64,9 +65,18 @@ class EdgePatcher:
         self.atom_reader = torch.tensor([ri for _, ri in self.atoms])
         self._check_memory()
         self.inputs = LayerInputs(model, len(batch))
+        # gradients (a metric): the clean recording is also EAP's gradient pass (eap.CleanGradients), kept
+        # as clean_grads [atom, batch*pos*d] with its metric function clean_fn until EAP uses it
+        self.clean_grads, self.clean_fn = None, None
         with torch.no_grad():
-            with self.inputs.recording():
+            from mechscope.discovery.eap import CleanGradients  # (eap reads this module)
+
+            grad_pass = None if gradients is None else CleanGradients(self, gradients)
+            with self.inputs.recording(), grad_pass.recording() if grad_pass else contextlib.nullcontext():
                 clean, clean_inputs = self.writer_outputs(batch.clean)  # [writer, batch, pos, d_model]
+            if grad_pass is not None:
+                self.clean_fn, self.clean_grads = grad_pass.finish(clean_inputs["final"])
+                clean, clean_inputs = clean.detach(), {key: v.detach() for key, v in clean_inputs.items()}
             self.clean_final = at_positions(clean_inputs["final"], batch.read_pos)  # [batch, d_model]
             self.ablated_final = None  # without corrupt ablation: known only by running with every edge ablated
             if ablation == "corrupt":

@@ -29,12 +29,16 @@ class Evaluator:
     """One batch, recorded once; `metric(masks)` is the mean metric of each edge-ablated variant."""
 
     def __init__(self, model: HookedModel, batch: ContrastiveBatch, graph: Graph, *, ablation: str = "corrupt",
-                 metric: str | Metric = "logit_diff", memory_mb: int = 2048):
-        self.patcher = EdgePatcher(model, graph, batch, ablation=ablation, memory_mb=memory_mb)
+                 metric: str | Metric = "logit_diff", memory_mb: int = 2048, gradients: bool = False):
+        """gradients: make the clean recording EAP's gradient pass too (`EdgePatcher(gradients=)`), so
+        that `discover(..., method="eap" or "eap-ig", evaluator=this)` runs one forward fewer."""
+        self.patcher = EdgePatcher(model, graph, batch, ablation=ablation, memory_mb=memory_mb,
+                                   gradients=metric if gradients else None)
         self.graph = graph
         with torch.no_grad():
             clean_read = model.logits_from_resid(self.patcher.clean_final)  # [batch, d_vocab]
         self.metric_name, self.fn = resolve_metric(metric, clean_read)
+        self.fn = self.patcher.clean_fn or self.fn  # (one function object: EAP checks it is the same metric)
         self.clean = self._mean(clean_read[None]).item()
         p = self.patcher
         if p.ablated_final is not None and p.full_graph:  # every edge corrupted is the corrupt run

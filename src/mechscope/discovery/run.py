@@ -38,7 +38,8 @@ def run_discovery(model: HookedModel, batch: ContrastiveBatch, *, method: str = 
     log(f"{graph}")
     forward = _plain_forward_seconds(model, batch)
     t = time.perf_counter()
-    ev = Evaluator(model, batch, graph, ablation=ablation, metric=metric)  # the clean and ablated runs, recorded
+    ev = Evaluator(model, batch, graph, ablation=ablation, metric=metric,  # the clean and ablated runs, recorded
+                   gradients=cluster is None and method.startswith("eap"))  # (the clean one is EAP's gradient pass)
     if cluster is None:
         scores = discover(model, batch, method=method, graph=graph, metric=metric, ablation=ablation, steps=steps,
                           threshold=threshold, progress=progress, evaluator=ev)
