@@ -51,26 +51,26 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
             if grads is None:
                 grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
             grads[atoms] += grad.flatten(1)
-    minus = -patcher.delta.flatten(1)  # [writer, batch*pos*d]: ablated - clean
-    per_atom = _writer_atom_products(patcher, minus, grads).to("cpu", wide)  # [writer, atom]: scores live on the CPU
+    # (ablated - clean) . gradient, as -(clean - ablated) . gradient: no negated copy of the differences
+    per_atom = -_writer_atom_products(patcher, patcher.delta.flatten(1), grads).to("cpu", wide)  # [writer, atom]
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
     return per_reader[g.edges[:, 0], g.edges[:, 1]] / steps  # [n_edges]
 
 
-def _writer_atom_products(patcher: EdgePatcher, minus: Tensor, grads: Tensor, blocks: int = 4) -> Tensor:
-    """minus [writer, n] @ grads.T [n, atom] -> [writer, atom], only where a writer can reach an atom:
+def _writer_atom_products(patcher: EdgePatcher, delta: Tensor, grads: Tensor, blocks: int = 4) -> Tensor:
+    """delta [writer, n] @ grads.T [n, atom] -> [writer, atom], only where a writer can reach an atom:
     writers come before readers (by stage), so the product runs in `blocks` column blocks of atoms,
     each with the writers before its last reader (about half the arithmetic of the whole product;
     the entries left at zero are no edge)."""
     g = patcher.graph
     w_stage = torch.tensor([w.stage for w in g.writers])  # [writer], ascending
     a_stage = torch.tensor([g.readers[r].stage for _, r in patcher.atoms])  # [atom], ascending
-    out = minus.new_zeros(len(g.writers), len(patcher.atoms))
+    out = delta.new_zeros(len(g.writers), len(patcher.atoms))
     bounds = torch.linspace(0, len(patcher.atoms), blocks + 1).round().long().tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi > lo:
             n_w = int((w_stage < a_stage[lo:hi].max()).sum())  # the writers any atom of the block reads
-            out[:n_w, lo:hi] = minus[:n_w] @ grads[lo:hi].T
+            out[:n_w, lo:hi] = delta[:n_w] @ grads[lo:hi].T
     return out
 
 
@@ -249,12 +249,12 @@ class _Recorder:
 
     def _mix(self, writers: list[int], heads: list[int] | None):
         p = self.p
-        ablated, clean = p.ablated_out[writers], p.clean_out[writers]  # [w, batch, pos, d_model]
+        ablated, delta = p.ablated_out[writers], p.delta[writers]  # [w, batch, pos, d_model]
 
         def hook(act, _):
             # The interpolated value, with the gradient of the computed one (straight through): the
             # gradient still reaches this writer's own inputs.
-            value = ablated + self.alpha * (clean - ablated)  # [w, batch, pos, d_model]
+            value = ablated + self.alpha * delta  # [w, batch, pos, d_model]
             if heads is None:
                 return act + (value[0].to(act.dtype) - act).detach()
             idx = torch.tensor(heads, device=act.device)

@@ -85,13 +85,20 @@ class EdgePatcher:
             else:
                 ablated = _mean_over_prompts(self.writer_outputs(batch.corrupt)[0], batch.read_pos) \
                     if ablation == "mean" else torch.zeros_like(clean)
-        self.clean_out, self.ablated_out = clean, ablated
-        self.delta = clean - ablated  # [writer, batch, pos, d_model]: what ablating each writer takes away
+        self.ablated_out = ablated
+        self.delta = clean.sub_(ablated)  # [writer, batch, pos, d_model]: what ablating each writer takes away
+        del clean  # (the difference took its memory: clean_out is ablated_out + delta)
         # With every writer in the graph, a reader's input with all its edges ablated is the same in
         # every variant: its clean input minus every earlier writer's difference. A circuit with few
         # kept edges is then cheaper as that base plus the kept writers' differences.
         self.full_graph = graph.spec.layers is None and graph.spec.nodes is None
         self.base = self._bases(clean_inputs) if self.full_graph else {}
+
+    @property
+    def clean_out(self) -> Tensor:
+        """Every writer's clean output, [writer, batch, pos, d_model] (computed: the recording keeps the
+        ablated outputs and the differences)."""
+        return self.ablated_out + self.delta
 
     # ---- recording ----------------------------------------------------------------------------
     def writer_outputs(self, tokens: Tensor) -> tuple[Tensor, dict]:
@@ -154,8 +161,9 @@ class EdgePatcher:
         return out
 
     def recording_bytes(self) -> int:
-        """What the recordings hold: each writer's clean output, ablated output and difference, each
-        layer's input and each reader stage's all-ablated base, all [batch, pos, d_model]."""
+        """What the recordings take at their peak: each writer's clean output, ablated output and
+        difference (the difference then takes the clean output's place), each layer's input and each
+        reader stage's all-ablated base, all [batch, pos, d_model]."""
         b, p = self.batch.clean.shape
         n = 3 * len(self.graph.writers) + self.n_layers + 1 + 2 * self.n_layers + 2
         return n * b * p * self.model.cfg.d_model * self.model.dtype.itemsize
