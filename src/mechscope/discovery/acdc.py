@@ -64,7 +64,7 @@ def acdc(ev: Evaluator, *, threshold: float, candidates: Tensor | None = None,
                 continue
             feeds = g.readers[r].feeds
             if feeds:
-                writing = {writer_names[edges[e][0]] for e in range(g.n_edges) if not ablated[e]}
+                writing = {writer_names[w] for w in g.edges[~ablated, 0].unique().tolist()}  # writers still read
                 if not any(f in writing for f in feeds):
                     ablated[live] = True
                     continue

@@ -93,6 +93,19 @@ class EdgePatcher:
         # kept edges is then cheaper as that base plus the kept writers' differences.
         self.full_graph = graph.spec.layers is None and graph.spec.nodes is None
         self.base = self._bases(clean_inputs) if self.full_graph else {}
+        self._ablated_values: dict[tuple[int, str], Tensor] = {}  # `ablated_value`'s
+
+    def ablated_value(self, layer: int, kind: str, stage: int) -> Tensor:
+        """Every head's q, k or v (per key/value head) of `layer` when it reads its all-ablated base (the
+        reader stage `stage`'s), [head, batch, pos, d_head]: the same in every patched run, so computed once."""
+        key = (layer, kind)
+        if key not in self._ablated_values:
+            n = self.model.cfg.n_heads if kind == "q" else self.model.cfg.n_kv_heads
+            heads = torch.arange(n, device=self.model.device)
+            base = self.base[stage].expand(n, *self.base[stage].shape)  # [head, batch, pos, d_model]
+            with torch.no_grad():
+                self._ablated_values[key] = self.heads.value_each(layer, kind, heads, base)
+        return self._ablated_values[key]
 
     @property
     def clean_out(self) -> Tensor:
@@ -272,6 +285,9 @@ class _RunState:
                  complement: bool = False):
         self.p, self.coef, self.touched, self.k, self.start = patcher, coef, touched, k, start
         self.complement = complement  # coef holds the kept edges: input = base + their differences
+        # With complement, a touched (variant, atom) pair with no kept edge reads its all-ablated base: the
+        # same input in every variant and run, so a head's value there is the patcher's, computed once
+        self.free = touched & ~coef.ne(0).any(1) if complement else None  # [k, atom]
         self.stage_of = [r.stage for r in patcher.graph.readers]
         self.live_writers = live_writers
         g = patcher.graph
@@ -343,13 +359,18 @@ class _RunState:
                 out = out + per_variant[pairs[:, 0], pairs[:, 1]]
         return out.view(len(pairs), b, pos, d)
 
-    def attention_inputs(self, layer: int, atoms: list[int]) -> tuple[Tensor, Tensor]:
-        """(pairs, inputs [pairs, batch, pos, d_model]) for all of a layer's q, k, v atoms at once: the
-        three sites of a layer share one correction."""
+    def attention_inputs(self, layer: int, atoms: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(pairs, inputs [pairs, batch, pos, d_model], the current inputs x there, free pairs) for all of
+        a layer's q, k, v atoms at once: the three sites of a layer share one correction. Free pairs
+        (`self.free`: they read the all-ablated base) are left out of the first three."""
         if layer not in self._attn_cache:
             pairs = self.pairs(atoms)
+            free = pairs[:0]
+            if self.free is not None:
+                is_free = self.free[:, atoms][pairs[:, 0], pairs[:, 1]]  # [pairs]
+                pairs, free = pairs[~is_free], pairs[is_free]
             x = self._view(self.x_attn[layer])[pairs[:, 0]]  # [pairs, batch, pos, d_model]
-            self._attn_cache = {layer: (pairs, self.reader_inputs(atoms, pairs, x), x)}  # one layer at a time
+            self._attn_cache = {layer: (pairs, self.reader_inputs(atoms, pairs, x), x, free)}  # one layer at a time
         return self._attn_cache[layer]
 
     @contextmanager
@@ -410,15 +431,21 @@ class _RunState:
         head_of = {a: h for a, h in items}
 
         def hook(act, _):  # [k * batch, pos, head, d_head]
-            all_pairs, inputs, x = self.attention_inputs(layer, layer_atoms)
+            all_pairs, inputs, x, all_free = self.attention_inputs(layer, layer_atoms)
             keep = mine[all_pairs[:, 1]]
             pairs, inputs, x = all_pairs[keep], inputs[keep], x[keep]  # [pairs, 2], [pairs, batch, pos, d_model] x2
-            h = torch.tensor([head_of[layer_atoms[i]] for i in pairs[:, 1].tolist()], device=act.device)  # [pairs]
-            new, base = self.p.heads.value_each(layer, kind, h, torch.stack([inputs, x]))  # [pairs, batch, pos, d_head] each
-            # The module's own value plus the change: exactly the module's value where nothing is ablated.
             out = act.clone()
             view = self._view(out)  # [k, batch, pos, head, d_head]
-            view[pairs[:, 0], :, :, h] = view[pairs[:, 0], :, :, h] + (new - base).to(act.dtype)
+            if len(pairs):
+                h = torch.tensor([head_of[layer_atoms[i]] for i in pairs[:, 1].tolist()], device=act.device)  # [pairs]
+                new, base = self.p.heads.value_each(layer, kind, h, torch.stack([inputs, x]))  # [pairs, batch, pos, d_head] each
+                # The module's own value plus the change: exactly the module's value where nothing is ablated.
+                view[pairs[:, 0], :, :, h] = view[pairs[:, 0], :, :, h] + (new - base).to(act.dtype)
+            free = all_free[mine[all_free[:, 1]]]  # [free pairs, 2]: every edge into them ablated
+            if len(free):
+                h = torch.tensor([head_of[layer_atoms[i]] for i in free[:, 1].tolist()], device=act.device)
+                stage = self.stage_of[int(self.p.atom_reader[layer_atoms[0]])]
+                view[free[:, 0], :, :, h] = self.p.ablated_value(layer, kind, stage)[h].to(act.dtype)
             return out
         return hook
 
