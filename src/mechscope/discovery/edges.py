@@ -95,14 +95,16 @@ class EdgePatcher:
         self.base = self._bases(clean_inputs) if self.full_graph else {}
         self._ablated_values: dict[tuple[int, str], Tensor] = {}  # `ablated_value`'s
 
-    def ablated_value(self, layer: int, kind: str, stage: int) -> Tensor:
-        """Every head's q, k or v (per key/value head) of `layer` when it reads its all-ablated base (the
-        reader stage `stage`'s), [head, batch, pos, d_head]: the same in every patched run, so computed once."""
+    def ablated_value(self, layer: int, kind: str) -> Tensor:
+        """Every head's q, k or v (per key/value head) of `layer` when it reads its all-ablated base (that
+        of the layer's input, stage 2 * layer + 1), [head, batch, pos, d_head]: the same in every
+        patched run, so computed once."""
         key = (layer, kind)
         if key not in self._ablated_values:
             n = self.model.cfg.n_heads if kind == "q" else self.model.cfg.n_kv_heads
             heads = torch.arange(n, device=self.model.device)
-            base = self.base[stage].expand(n, *self.base[stage].shape)  # [head, batch, pos, d_model]
+            stage = self.base[2 * layer + 1]  # [batch, pos, d_model]
+            base = stage.expand(n, *stage.shape)  # [head, batch, pos, d_model]
             with torch.no_grad():
                 self._ablated_values[key] = self.heads.value_each(layer, kind, heads, base)
         return self._ablated_values[key]
@@ -444,8 +446,7 @@ class _RunState:
             free = all_free[mine[all_free[:, 1]]]  # [free pairs, 2]: every edge into them ablated
             if len(free):
                 h = torch.tensor([head_of[layer_atoms[i]] for i in free[:, 1].tolist()], device=act.device)
-                stage = self.stage_of[int(self.p.atom_reader[layer_atoms[0]])]
-                view[free[:, 0], :, :, h] = self.p.ablated_value(layer, kind, stage)[h].to(act.dtype)
+                view[free[:, 0], :, :, h] = self.p.ablated_value(layer, kind)[h].to(act.dtype)
             return out
         return hook
 
