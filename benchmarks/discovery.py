@@ -6,8 +6,8 @@ TransformerLens 4.3's edge attribution on a GPT-2-shaped model with random weigh
 
 For each method: wall time (the clean and ablated runs it records included) as a multiple of one
 plain forward of the same batch, peak memory (each method in a fresh process: resident set on CPU,
-allocated memory on a GPU), and its faithfulness curve. ACDC runs on the top `--acdc-top` EAP-IG
-edges (its time excludes EAP-IG's; its peak includes it). Then TransformerLens: both tools score
+allocated memory on a GPU), and its faithfulness curves (circuits ranked by |score| and by signed
+score). ACDC runs on the top `--acdc-top` EAP-IG edges (its time excludes EAP-IG's; its peak includes it). Then TransformerLens: both tools score
 every edge of the same random GPT-2-shaped model on the same token ids; time ratio and max abs
 difference of the edge scores (TL scores per position; summed over positions they are ours).
 """
@@ -68,9 +68,10 @@ def run_one(args, method: str) -> dict:
         scores = discover(model, batch, method=method, evaluator=ev)
         sync()
         seconds = time.perf_counter() - start
-    curve = ev.curve(scores)
+    curve, signed = ev.curve(scores), ev.curve(scores, signed=True)
     return {"method": method, "seconds": seconds, "forward": forward, "peak_mib": peak_mib(args.device),
             "sizes": curve["sizes"], "faithfulness": curve["faithfulness"], "area": curve["area"],
+            "faithfulness_signed": signed["faithfulness"], "area_signed": signed["area"],
             "n_edges": graph.n_edges, **extra}
 
 
@@ -177,12 +178,14 @@ def main() -> None:
         rows.append(r)
         extra = f", kept {r['kept']} of {r['candidates']} (threshold {r['threshold']})" if method == "acdc" else ""
         print(f"{method:7s} {r['seconds']:7.1f} s = {r['seconds'] / r['forward']:6.1f} plain forwards "
-              f"({r['forward']:.2f} s), peak {r['peak_mib']:7.0f} MiB, curve area {r['area']:.3f}{extra}")
+              f"({r['forward']:.2f} s), peak {r['peak_mib']:7.0f} MiB, curve area {r['area']:.3f} "
+              f"(signed {r['area_signed']:.3f}){extra}")
     if rows:
-        print("\nfaithfulness at circuit size (top N edges, pruned):")
-        print("size    " + " ".join(f"{m['method']:>8s}" for m in rows))
+        print("\nfaithfulness at circuit size (top N edges, pruned), ranked by |score| / by signed score:")
+        print("size    " + " ".join(f"{m['method'] + ' |s|':>12s} {m['method'] + ' signed':>12s}" for m in rows))
         for i, size in enumerate(rows[0]["sizes"]):
-            print(f"{size:<7d} " + " ".join(f"{m['faithfulness'][i]:8.3f}" for m in rows))
+            print(f"{size:<7d} " + " ".join(f"{m['faithfulness'][i]:12.3f} {m['faithfulness_signed'][i]:12.3f}"
+                                             for m in rows))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,32 @@ def test_circuits_faithfulness_and_curve():
     assert ev.evaluate(found[0])["faithfulness"] == pytest.approx(found[1])
 
 
+def test_signed_ranking_puts_the_effect_toward_the_empty_run_first():
+    import dataclasses
+
+    model = tiny_model("gpt2")
+    scores = discover(model, tiny_batch(model), method="eap")
+    values = torch.zeros(scores.values.shape[0], dtype=torch.float64)
+    values[:5] = torch.tensor([-3.0, 2.0, 1.0, -0.5, math.nan])
+    first = lambda s, **kw: s.circuit(prune=False, **kw).mask.nonzero().flatten().tolist()
+    diff = dataclasses.replace(scores, values=values, extra={**scores.extra, "clean_metric": 1.0, "empty_metric": 0.0})
+    assert first(diff, edges=2) == [0, 1]  # by size
+    assert first(diff, edges=2, signed=True) == [0, 3]  # a logit difference falls toward the empty run
+    assert first(diff, threshold=0.1, signed=True) == [0, 3]
+    assert diff.ranking(signed=True)[4] == -math.inf and diff.ranking()[4] == -1.0  # no score: last
+    kl = dataclasses.replace(diff, extra={**scores.extra, "clean_metric": 0.0, "empty_metric": 2.0})
+    assert first(kl, edges=2, signed=True) == [1, 2]  # a distance rises toward it
+    ev = Evaluator(model, tiny_batch(model), scores.graph)
+    exact = discover(model, ev.patcher.batch, method="exact", evaluator=ev)
+    sizes = [2, 5, 10, 20]
+    by_sign = [ev.evaluate(exact.circuit(edges=k, signed=True))["faithfulness"] for k in sizes]
+    by_size = [ev.evaluate(exact.circuit(edges=k))["faithfulness"] for k in sizes]
+    assert by_sign != pytest.approx(by_size)  # (so the curve below tells the two apart)
+    assert ev.curve(exact, sizes=sizes, signed=True)["faithfulness"] == pytest.approx(by_sign)
+    found = ev.smallest(exact, 0.5, ev.curve(exact, signed=True), signed=True)
+    assert found[1] >= 0.5 and ev.evaluate(found[0])["faithfulness"] == pytest.approx(found[1])
+
+
 def _feeds(graph, edge, node):
     """Whether the reader of `edge` is an input of `node`."""
     r = graph.readers[int(graph.edges[graph.edge_index[edge], 1])]

@@ -66,19 +66,22 @@ class Evaluator:
         return {"metric": value, "clean": self.clean, "empty": self.empty, "faithfulness": self.faithfulness(value),
                 "n_edges": len(circuit), "n_edges_total": self.graph.n_edges}
 
-    def curve(self, scores: EdgeScores, sizes: Sequence[int] | None = None, *, greedy: bool = False) -> dict:
+    def curve(self, scores: EdgeScores, sizes: Sequence[int] | None = None, *, greedy: bool = False,
+              signed: bool = False) -> dict:
         """Faithfulness of the circuits of the given sizes (default: 1, 2, 5, 10, .. all edges)."""
         n = self.graph.n_edges
         sizes = default_sizes(n) if sizes is None else sorted({int(s) for s in sizes})
-        circuits = [scores.circuit(edges=s, greedy=greedy) for s in sizes]
+        circuits = [scores.circuit(edges=s, greedy=greedy, signed=signed) for s in sizes]
         values = self.metric(torch.stack([~c.mask for c in circuits]))
         faith = [self.faithfulness(v) for v in values.tolist()]
         return {"sizes": sizes, "edges_kept": [len(c) for c in circuits], "metric": values.tolist(),
                 "faithfulness": faith, "area": curve_area(sizes, faith, n), "clean": self.clean, "empty": self.empty}
 
-    def smallest(self, scores: EdgeScores, target: float, curve: dict) -> tuple[Circuit, float] | None:
+    def smallest(self, scores: EdgeScores, target: float, curve: dict, *, signed: bool = False
+                 ) -> tuple[Circuit, float] | None:
         """The smallest top-N circuit whose faithfulness reaches `target`, by bisection between the
-        curve's last size below the target and its first size at or above it (None if none is)."""
+        curve's last size below the target and its first size at or above it (None if none is); the
+        curve must have been measured with the same `signed`."""
         sizes, faith = curve["sizes"], curve["faithfulness"]
         above = [i for i, f in enumerate(faith) if f >= target]
         if not above:
@@ -88,12 +91,12 @@ class Evaluator:
         best = (hi, faith[above[0]])
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            f = self.faithfulness(self.metric((~scores.circuit(edges=mid).mask)[None])[0].item())
+            f = self.faithfulness(self.metric((~scores.circuit(edges=mid, signed=signed).mask)[None])[0].item())
             if f >= target:
                 hi, best = mid, (mid, f)
             else:
                 lo = mid
-        return scores.circuit(edges=best[0]), best[1]
+        return scores.circuit(edges=best[0], signed=signed), best[1]
 
 
 @technique

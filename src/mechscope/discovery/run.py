@@ -2,7 +2,8 @@
 
 1. score every edge with the chosen method;
 2. evaluate the circuits of growing size in one batch (the faithfulness curve);
-3. choose the circuit: `edges=N` (top N, pruned), ACDC's own, or the smallest top-N circuit whose
+3. choose the circuit (ranked by |score|, or by the signed effect with `signed`): `edges=N` (top N,
+   pruned), ACDC's own, or the smallest top-N circuit whose
    faithfulness on the discovery prompts reaches `target` (by bisection on the curve);
 4. evaluate it on fresh prompts when given;
 5. return a JSON-ready record (discover.json) with the time of each step, as a multiple of one
@@ -29,7 +30,7 @@ TOP_EDGES = 300  # edges listed with their scores in discover.json (all of them 
 def run_discovery(model: HookedModel, batch: ContrastiveBatch, *, method: str = "eap-ig", steps: int = 5,
                   threshold: float | None = None, edges: int | None = None, ablation: str = "corrupt",
                   metric: str = "logit_diff", eval_batch: ContrastiveBatch | None = None, target: float = 0.8,
-                  progress: bool = False, log: Callable[[str], None] = lambda text: None,
+                  signed: bool = False, progress: bool = False, log: Callable[[str], None] = lambda text: None,
                   cluster=None) -> tuple[dict, EdgeScores]:
     """(the discover.json record, the EdgeScores of every edge). A `mechscope.distributed.Cluster`
     scores the edges on its workers (the same scores); the rest runs here."""
@@ -49,24 +50,26 @@ def run_discovery(model: HookedModel, batch: ContrastiveBatch, *, method: str = 
     method_seconds = time.perf_counter() - t
     log(f"{method}: {method_seconds:.1f} s, recording included ({method_seconds / forward:.1f} plain forwards)")
     t = time.perf_counter()
-    curve = ev.curve(scores)
+    curve = ev.curve(scores, signed=signed)
     log(f"faithfulness curve over {len(curve['sizes'])} sizes: {time.perf_counter() - t:.1f} s")
     if edges is not None:
-        circuit, chosen = scores.circuit(edges=edges), f"the top {edges} edges by |score|, pruned"
+        circuit = scores.circuit(edges=edges, signed=signed)
+        chosen = f"the top {edges} edges by {'signed score' if signed else '|score|'}, pruned"
     elif method == "acdc":
         circuit, chosen = scores.circuit(), f"ACDC's circuit at threshold {threshold:g}"
     else:
-        found = ev.smallest(scores, target, curve)
+        found = ev.smallest(scores, target, curve, signed=signed)
         if found is None:
             circuit, chosen = scores.circuit(edges=graph.n_edges), f"no top-N circuit reached faithfulness {target}: the whole graph"
         else:
             circuit = found[0]
-            chosen = f"the smallest top-N circuit with faithfulness >= {target} on the discovery prompts"
+            chosen = (f"the smallest top-N circuit (by {'signed score' if signed else '|score|'}) with faithfulness "
+                      f">= {target} on the discovery prompts")
     found_eval = ev.evaluate(circuit)
     record = {
         "model": model.cfg.model_name, "method": method, "metric": ev.metric_name, "ablation": ablation,
         "n_prompts": len(batch), "n_nodes": graph.n_nodes, "n_edges_total": graph.n_edges,
-        "steps": scores.extra.get("steps"), "threshold": threshold,
+        "steps": scores.extra.get("steps"), "threshold": threshold, "selection": "signed" if signed else "abs",
         "chosen": chosen, "circuit": circuit.edges, "circuit_nodes": circuit.nodes,
         "n_circuit_edges": len(circuit), "edge_fraction": len(circuit) / graph.n_edges,
         "faithfulness": found_eval["faithfulness"], "clean_metric": ev.clean, "empty_metric": ev.empty,

@@ -1,7 +1,9 @@
 """EdgeScores (what every discovery method returns) and Circuit (a set of edges).
 
 A circuit is chosen from scores by |score|: the top edges (`edges=N`) or those above a threshold,
-then pruned of what cannot matter: an edge into a head or MLP that writes to nothing left in the
+or (`signed=True`) by the signed effect toward the empty run: the edges whose removal moves the metric
+furthest toward the all-ablated run come first, and edges whose removal helps the task come last (as
+the EAP-IG repository's `absolute=False`, and MIB's circuit performance ratio). The circuit is then pruned of what cannot matter: an edge into a head or MLP that writes to nothing left in the
 circuit, and an edge out of a head or MLP that reads nothing left in it (as the EAP-IG repository
 prunes), until nothing changes. `greedy=True` grows the circuit from the logits instead: the best
 edge whose reader already sits in the circuit, one at a time (EAP-IG's greedy mode).
@@ -9,6 +11,7 @@ edge whose reader already sits in the circuit, one at a time (EAP-IG's greedy mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -42,9 +45,10 @@ class EdgeScores(Result):
         return out
 
     def circuit(self, *, edges: int | None = None, threshold: float | None = None, greedy: bool = False,
-                prune: bool = True) -> "Circuit":
+                prune: bool = True, signed: bool = False) -> "Circuit":
         """The top `edges` edges by |score| (or those with |score| >= threshold), pruned (see the module
-        docstring); `greedy` grows it from the logits. ACDC's result with neither: its own circuit."""
+        docstring); `greedy` grows it from the logits; `signed` ranks by the effect toward the empty run
+        instead of its size. ACDC's result with neither edges nor threshold: its own circuit."""
         g = self.graph
         if edges is None and threshold is None:
             if self.circuit_edges is None:
@@ -52,7 +56,7 @@ class EdgeScores(Result):
             return Circuit(g, g.mask(self.circuit_edges))
         if (edges is None) == (threshold is None):
             raise InputError("give either edges=N or threshold=t, not both")
-        score = self.values.abs().nan_to_num(-1.0)
+        score = self.ranking(signed)
         if edges is not None:
             if not 0 <= edges <= g.n_edges:
                 raise InputError(f"edges must be between 0 and {g.n_edges}, not {edges}")
@@ -60,6 +64,16 @@ class EdgeScores(Result):
         else:
             chosen = score >= threshold
         return Circuit(g, _prune(g, chosen) if prune else chosen)
+
+    def ranking(self, signed: bool = False) -> Tensor:
+        """What circuits are chosen by, per edge [n_edges]: |score|, or with `signed` the score's part
+        toward the empty run (the metric falls when an edge that carries a logit difference is removed,
+        and rises for a distance like KL). Edges without a score (NaN) rank last."""
+        if not signed:
+            return self.values.abs().nan_to_num(-1.0)
+        clean, empty = self.extra.get("clean_metric"), self.extra.get("empty_metric")
+        toward = 1.0 if clean is not None and empty is not None and empty > clean else -1.0
+        return (toward * self.values).nan_to_num(-math.inf)
 
     def compare_to(self, reference) -> dict:
         """Scores against a known set of nodes (e.g. the heads `mechscope ioi` found: "9.6" as the
