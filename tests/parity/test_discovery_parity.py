@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import byte_tokenizer, exact_for, tiny_batch, tiny_hf
+from conftest import ALL_FAMILIES, byte_tokenizer, exact_for, tiny_batch, tiny_hf
 from mechscope import HookedModel
 from mechscope.discovery import Evaluator, Graph, discover
 from mechscope.metrics import logit_diff, read_logits
@@ -134,3 +134,32 @@ def test_eap_equals_exact_where_the_model_is_linear_downstream():
     into_logits = torch.tensor([n.endswith("->logits") for n in ev.graph.edge_names])
     torch.testing.assert_close(eap.values[into_logits], exact.values[into_logits], atol=1e-10, rtol=0)
     assert not torch.allclose(eap.values[~into_logits], exact.values[~into_logits], atol=1e-6)  # elsewhere, first order only
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_head_input_gradient_in_closed_form_is_autograds(family):
+    """HeadInputs.input_grad (the norm's and the projection's Jacobians in closed form, which EAP
+    uses) equals autograd through HeadInputs.value (each head's own copy of the norm), on every
+    family; only where a q/k norm follows the projection does it defer to autograd."""
+    from mechscope.discovery.readers import HeadInputs
+
+    model = HookedModel(tiny_hf(family), byte_tokenizer())
+    heads_of = HeadInputs(model)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, model.cfg.d_model, dtype=model.dtype) * 3 + 1  # [batch, pos, d_model], off-centre
+    deferred = []
+    for layer in range(model.cfg.n_layers):
+        for kind in "qkv":
+            n = model.cfg.n_heads if kind == "q" else model.cfg.n_kv_heads
+            heads = list(range(n))[::-1][:3]  # a subset, out of order
+            grad = torch.randn(2, 5, len(heads), model.cfg.d_head, dtype=model.dtype)  # [batch, pos, n, d_head]
+            closed = heads_of.input_grad(layer, kind, heads, x, grad)
+            if closed is None:
+                assert heads_of.projection(layer, kind)[2] is not None  # a q/k norm after the projection
+                deferred.append(kind)
+                continue
+            xs = x[:, :, None].expand(2, 5, len(heads), -1).clone().requires_grad_(True)
+            with torch.enable_grad():
+                reference, = torch.autograd.grad(heads_of.value(layer, kind, heads, xs), xs, grad)
+            torch.testing.assert_close(closed, reference.permute(2, 0, 1, 3), **exact_for(model))  # (HF rounds RMSNorm to float32)
+    assert set(deferred) <= {"q", "k"}

@@ -11,8 +11,8 @@ recorded ablated run and one forward and backward pass:
    backward keeps the gradient at every head's q, k and v, every MLP's input and the final norm's
    input;
 3. a head's gradient is carried back to its own input through its slice of the projection and the
-   norm's Jacobian (a vector-Jacobian product of `HeadInputs.value`, for all heads of a layer at
-   once); no forward with split inputs is needed;
+   norm's Jacobian (in closed form, `HeadInputs.input_grad`; autograd through `HeadInputs.value`
+   where a q/k norm follows the projection); no forward with split inputs is needed;
 4. the gradients are summed over steps per reader, [reader, batch*pos*d], and the scores are one
    product of them with the writers' differences [writer, batch*pos*d]: no [reader, writer, ...]
    buffer is ever formed, and the differences are read once.
@@ -138,9 +138,9 @@ class CleanGradients:
             _, fn = resolve_metric(self.metric, logits.detach())  # (kl_div: the clean run is its reference)
             value = widen(fn(logits, p.batch)).mean()
             g_final, _ = torch.autograd.grad(value, [final, self.start])
-        grads = None  # [atom, batch*pos*d]
+        grads = None  # [atom, batch*pos*d]: every row is written once (each atom is yielded once)
         for atoms, grad in _per_atom(p, self.rec, g_final):
-            grads = grad.new_zeros(len(p.atoms), grad[0].numel()) if grads is None else grads
+            grads = grad.new_empty(len(p.atoms), grad[0].numel()) if grads is None else grads
             grads[atoms] = grad.flatten(1)
         return fn, grads
 
@@ -163,23 +163,32 @@ def _per_atom(patcher: EdgePatcher, rec: "_Recorder", g_final: Tensor):
 
 
 def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
-    """d metric / d (each head's own input): the vector-Jacobian product of the per-head projection,
-    for a layer's q, k and v heads at once (one copy of the norm per head input; batching the norm's
-    product over the heads with autograd's batched gradients instead was 1.6x slower on SmolLM2).
+    """d metric / d (each head's own input), for a layer's q, k and v heads: in closed form where the
+    norm comes before the projection (`HeadInputs.input_grad`), else the vector-Jacobian product of
+    the per-head projection (one copy of the norm per head input).
 
     x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] [batch, pos, head, d_head]
     -> [n, batch, pos, d_model], in the order of `parts`."""
-    n = sum(len(items) for _, items in parts)
-    with torch.enable_grad():
-        xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
-        outs, cotangents, i = [], [], 0
-        for kind, items in parts:
-            heads = [h for _, h in items]
-            outs.append(patcher.heads.value(layer, kind, heads, xs[:, :, i:i + len(heads)]))  # [batch, pos, n_kind, d_head]
-            cotangents.append(grads[(kind, layer)][:, :, heads].to(outs[-1].dtype))
-            i += len(heads)
-        g, = torch.autograd.grad(outs, xs, cotangents)
-    return g.permute(2, 0, 1, 3)  # [n, batch, pos, d_model]
+    out: list[Tensor | None] = []
+    for kind, items in parts:
+        heads = [h for _, h in items]
+        out.append(patcher.heads.input_grad(layer, kind, heads, x, grads[(kind, layer)][:, :, heads]))
+    rest = [(i, kind, [h for _, h in items]) for i, ((kind, items), o) in enumerate(zip(parts, out)) if o is None]
+    if rest:
+        n = sum(len(heads) for _, _, heads in rest)
+        with torch.enable_grad():
+            xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
+            values, cotangents, j = [], [], 0
+            for _, kind, heads in rest:
+                values.append(patcher.heads.value(layer, kind, heads, xs[:, :, j:j + len(heads)]))  # [batch, pos, n_kind, d_head]
+                cotangents.append(grads[(kind, layer)][:, :, heads].to(values[-1].dtype))
+                j += len(heads)
+            g, = torch.autograd.grad(values, xs, cotangents)  # [batch, pos, n, d_model]
+        j = 0
+        for i, _, heads in rest:
+            out[i] = g[:, :, j:j + len(heads)].permute(2, 0, 1, 3)
+            j += len(heads)
+    return torch.cat(out) if len(out) > 1 else out[0]  # [n, batch, pos, d_model]
 
 
 class _Recorder:

@@ -16,18 +16,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mechscope.models.adapters.base import norm_scale, norm_weight
 from mechscope.models.hooked import HookedModel
 from mechscope.models.weights import read_affine
 
 
 class HeadInputs:
-    """Per-head projections of every layer: `value(layer, kind, heads, x)`."""
+    """Per-head projections of every layer: `value(layer, kind, heads, x)`, and the gradient that
+    carries back to each head's own input, `input_grad`."""
 
     def __init__(self, model: HookedModel):
         self.model = model
         a = model.adapter
         self._norms = [a.pre_norm(l) for l in range(model.cfg.n_layers)]  # (the identity on OLMo-2)
         self._proj: dict[tuple[int, str], tuple[Tensor, Tensor, nn.Module | None]] = {}
+        self._folded: dict[tuple[int, str], Tensor] = {}
 
     def projection(self, layer: int, kind: str) -> tuple[Tensor, Tensor, nn.Module | None]:
         """(weight [head, d_model, d_head], bias [head, d_head], per-head module after it or None)."""
@@ -66,6 +69,53 @@ class HeadInputs:
             return every[..., rows, idx, :]  # [..., n, d_head]: reader i keeps head heads[i]
         out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module
+
+
+    def input_grad(self, layer: int, kind: str, heads: list[int], x: Tensor, grad: Tensor) -> Tensor | None:
+        """The vector-Jacobian product of `value` at x, in closed form: d metric / d (head i's own
+        input), given the gradient at its q, k or v. None where a q/k norm follows the projection
+        (Gemma 3, Qwen3, OLMo-2): there, autograd through `value` gives it.
+
+        x [batch, pos, d_model] (what every head reads), grad [batch, pos, n, d_head] -> [n, batch, pos, d_model].
+
+        With xhat = the normalized stream and s its scale, the norm is y = w * xhat (+ b); its
+        Jacobian's transpose takes v = w * u to (v - xhat * mean(v * xhat)) / s for an RMSNorm, and a
+        LayerNorm also takes v's mean away. With u = W_i g (W_i the head's slice), w and the centring
+        fold into W_i, so each head costs one product and one rank-one correction, and the norm's
+        statistics are computed once for all heads."""
+        weight, _, post = self.projection(layer, kind)
+        if post is not None:
+            return None
+        a = self.model.adapter
+        idx = torch.tensor(heads, device=weight.device)
+        if a.attn_norm is None:  # no norm (OLMo-2): the projection alone
+            return torch.einsum("bpne,nde->nbpd", grad.to(weight.dtype), weight[idx]).to(x.dtype)
+        wide = torch.promote_types(x.dtype, torch.float32)  # (the norms compute their statistics at least so)
+        centred = a.norm_kind.startswith("layernorm")
+        folded = self._fold(layer, kind, wide, centred)[idx]  # [n, d_model, d_head]
+        norm = a.module(a.attn_norm, layer)
+        stream = x.to(wide)
+        if centred:
+            stream = stream - stream.mean(-1, keepdim=True)
+        scale = norm_scale(a.norm_kind, norm, x).to(wide)  # [batch, pos, 1]
+        xhat = stream / scale  # [batch, pos, d_model]
+        g = grad.to(wide) / scale[..., None]  # [batch, pos, n, d_head]
+        along = (g * torch.einsum("bpd,nde->bpne", xhat, folded)).sum(-1) / x.shape[-1]  # [batch, pos, n]
+        out = torch.einsum("bpne,nde->nbpd", g, folded)  # [n, batch, pos, d_model]
+        out.sub_(xhat[None] * along.permute(2, 0, 1)[..., None])
+        return out.to(x.dtype)
+
+    def _fold(self, layer: int, kind: str, dtype: torch.dtype, centred: bool) -> Tensor:
+        """Every head's slice with the norm's gain folded in (and centred over d_model for a
+        LayerNorm): [head, d_model, d_head]."""
+        key = (layer, kind)
+        if key not in self._folded:
+            a = self.model.adapter
+            weight = self.projection(layer, kind)[0].to(dtype)
+            gain = norm_weight(a.norm_kind, a.module(a.attn_norm, layer)).to(weight.device, dtype)  # [d_model]
+            folded = weight * gain[:, None]
+            self._folded[key] = folded - folded.mean(1, keepdim=True) if centred else folded
+        return self._folded[key]
 
 
 def _whole_norm(normed: Tensor, weight: Tensor, bias: Tensor, post: nn.Module) -> Tensor:
