@@ -11,7 +11,10 @@ by the layer they are read in, so each batch of variants resumes from that layer
    removed untested;
 4. otherwise all its incoming edges are tried in one batch, each removed alone from the current
    circuit (resuming from the reader's layer), and every edge whose removal moves the metric by at
-   most `threshold` (|m(G without e) - m(G)| <= threshold) is removed; m(G) is measured again.
+   most `threshold` (|m(G without e) - m(G)| <= threshold) is removed;
+5. m(G) is measured alongside the next batch only when it is not known: when the last step removed
+   one edge, the circuit is that edge's variant, whose metric was just measured; when it removed
+   none, or removed edges into a node that writes nothing kept, the circuit computes the same.
 With the KL divergence to the clean run as the metric (the paper's default), m(G) starts at 0.
 Trying a reader's edges together rather than one after another is the batching; the paper's loop
 would re-measure after each removal.
@@ -56,6 +59,7 @@ def acdc(ev: Evaluator, *, threshold: float, candidates: Tensor | None = None,
         into.setdefault(r, []).append(e)
     writer_names = [w.name for w in g.writers]
     order = sorted(range(len(g.readers)), key=lambda r: (-g.readers[r].stage, -r))
+    current = None  # m(G), the metric of the circuit as it is, when known
     with progress_bar(progress, len(order), f"ACDC (threshold {threshold:g})") as bar:
         for r in order:
             bar.advance(1)
@@ -68,13 +72,18 @@ def acdc(ev: Evaluator, *, threshold: float, candidates: Tensor | None = None,
                 if not any(f in writing for f in feeds):
                     ablated[live] = True
                     continue
-            masks = ablated.repeat(len(live) + 1, 1)  # [1 + variants, n_edges]; row 0: the circuit as it is
-            masks[torch.arange(1, len(live) + 1), torch.tensor(live)] = True
+            first = int(current is None)  # row 0, when m(G) is not known: the circuit as it is
+            masks = ablated.repeat(len(live) + first, 1)  # [variants (+ 1), n_edges]
+            masks[torch.arange(first, len(live) + first), torch.tensor(live)] = True
             values = ev.metric(masks).double()
-            effect = values[1:] - values[0]  # [variants], against the current circuit computed alongside
+            if first:
+                current, values = values[0], values[1:]
+            effect = values - current  # [variants], against the current circuit
             scores[live] = effect
             # Below the arithmetic's resolution an effect is no effect (rows of one batch can round differently).
-            noise = 64 * torch.finfo(ev.patcher.model.dtype).eps * max(1.0, abs(values[0].item()))
-            remove = [e for e, d in zip(live, effect.tolist()) if abs(d) <= threshold + noise]
-            ablated[remove] = True
+            noise = 64 * torch.finfo(ev.patcher.model.dtype).eps * max(1.0, abs(current.item()))
+            gone = [i for i, d in enumerate(effect.tolist()) if abs(d) <= threshold + noise]
+            ablated[[live[i] for i in gone]] = True
+            # The circuit is now the one variant that lost its edge (m(G) measured), or unknown.
+            current = values[gone[0]] if len(gone) == 1 else current if not gone else None
     return scores, ~ablated
