@@ -12,7 +12,7 @@ recorded ablated run and one forward and backward pass:
    input;
 3. a head's gradient is carried back to its own input through its slice of the projection and the
    norm's Jacobian (in closed form, `HeadInputs.input_grad`; autograd through `HeadInputs.value`
-   where a q/k norm follows the projection); no forward with split inputs is needed;
+   where a q/k norm follows the projections); no forward with split inputs is needed;
 4. the gradients are summed over steps per reader, [reader, batch*pos*d], and the scores are one
    product of them with the writers' differences [writer, batch*pos*d]: no [reader, writer, ...]
    buffer is ever formed, and the differences are read once.
@@ -50,7 +50,7 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
         for atoms, grad in _reader_grads(patcher, fn, alpha, interpolate):
             if grads is None:
                 grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
-            grads[atoms] += grad.flatten(1)
+            grads.index_add_(0, torch.tensor(atoms, device=grads.device), grad.reshape(len(atoms), -1))  # in place
     # (ablated - clean) . gradient, as -(clean - ablated) . gradient: no negated copy of the differences
     per_atom = -_writer_atom_products(patcher, patcher.delta.flatten(1), grads).to("cpu", wide)  # [writer, atom]
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
@@ -164,31 +164,26 @@ def _per_atom(patcher: EdgePatcher, rec: "_Recorder", g_final: Tensor):
 
 def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
     """d metric / d (each head's own input), for a layer's q, k and v heads: in closed form where the
-    norm comes before the projection (`HeadInputs.input_grad`), else the vector-Jacobian product of
-    the per-head projection (one copy of the norm per head input).
+    norm comes before the projections (`HeadInputs.input_grad`, all of them in one product), else the
+    vector-Jacobian product of the per-head projections (one copy of the norm per head input).
 
     x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] [batch, pos, head, d_head]
     -> [n, batch, pos, d_model], in the order of `parts`."""
-    out: list[Tensor | None] = []
-    for kind, items in parts:
-        heads = [h for _, h in items]
-        out.append(patcher.heads.input_grad(layer, kind, heads, x, grads[(kind, layer)][:, :, heads]))
-    rest = [(i, kind, [h for _, h in items]) for i, ((kind, items), o) in enumerate(zip(parts, out)) if o is None]
-    if rest:
-        n = sum(len(heads) for _, _, heads in rest)
-        with torch.enable_grad():
-            xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
-            values, cotangents, j = [], [], 0
-            for _, kind, heads in rest:
-                values.append(patcher.heads.value(layer, kind, heads, xs[:, :, j:j + len(heads)]))  # [batch, pos, n_kind, d_head]
-                cotangents.append(grads[(kind, layer)][:, :, heads].to(values[-1].dtype))
-                j += len(heads)
-            g, = torch.autograd.grad(values, xs, cotangents)  # [batch, pos, n, d_model]
-        j = 0
-        for i, _, heads in rest:
-            out[i] = g[:, :, j:j + len(heads)].permute(2, 0, 1, 3)
-            j += len(heads)
-    return torch.cat(out) if len(out) > 1 else out[0]  # [n, batch, pos, d_model]
+    heads = [[h for _, h in items] for _, items in parts]
+    closed = patcher.heads.input_grad(layer, [(kind, hs, grads[(kind, layer)][:, :, hs])
+                                              for (kind, _), hs in zip(parts, heads)], x)
+    if closed is not None:
+        return closed
+    n = sum(len(hs) for hs in heads)
+    with torch.enable_grad():
+        xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
+        values, cotangents, i = [], [], 0
+        for (kind, _), hs in zip(parts, heads):
+            values.append(patcher.heads.value(layer, kind, hs, xs[:, :, i:i + len(hs)]))  # [batch, pos, n_kind, d_head]
+            cotangents.append(grads[(kind, layer)][:, :, hs].to(values[-1].dtype))
+            i += len(hs)
+        g, = torch.autograd.grad(values, xs, cotangents)
+    return g.permute(2, 0, 1, 3)  # [n, batch, pos, d_model]
 
 
 class _Recorder:

@@ -71,35 +71,35 @@ class HeadInputs:
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module
 
 
-    def input_grad(self, layer: int, kind: str, heads: list[int], x: Tensor, grad: Tensor) -> Tensor | None:
-        """The vector-Jacobian product of `value` at x, in closed form: d metric / d (head i's own
-        input), given the gradient at its q, k or v. None where a q/k norm follows the projection
-        (Gemma 3, Qwen3, OLMo-2): there, autograd through `value` gives it.
-
-        x [batch, pos, d_model] (what every head reads), grad [batch, pos, n, d_head] -> [n, batch, pos, d_model].
+    def input_grad(self, layer: int, parts: list[tuple[str, list[int], Tensor]], x: Tensor) -> Tensor | None:
+        """The vector-Jacobian product of `value` at x, in closed form: d metric / d (each head's own
+        input), given the gradient at its q, k or v. parts: [(kind, heads, grad [batch, pos, n_kind,
+        d_head])]; x [batch, pos, d_model] (what every head reads) -> [n, batch, pos, d_model], the
+        heads in the order of `parts`. None where a q/k norm follows a projection (Gemma 3, Qwen3,
+        OLMo-2): there, autograd through `value` gives it.
 
         With xhat = the normalized stream and s its scale, the norm is y = w * xhat (+ b); its
         Jacobian's transpose takes v = w * u to (v - xhat * mean(v * xhat)) / s for an RMSNorm, and a
         LayerNorm also takes v's mean away. With u = W_i g (W_i the head's slice), w and the centring
         fold into W_i, so each head costs one product and one rank-one correction, and the norm's
         statistics are computed once for all heads."""
-        weight, _, post = self.projection(layer, kind)
-        if post is not None:
+        if any(self.projection(layer, kind)[2] is not None for kind, _, _ in parts):
             return None
         a = self.model.adapter
-        idx = torch.tensor(heads, device=weight.device)
         if a.attn_norm is None:  # no norm (OLMo-2): the projection alone
-            return torch.einsum("bpne,nde->nbpd", grad.to(weight.dtype), weight[idx]).to(x.dtype)
+            weight = torch.cat([self.projection(layer, kind)[0][heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
+            grad = torch.cat([g for _, _, g in parts], 2).to(weight.dtype)  # [batch, pos, n, d_head]
+            return torch.einsum("bpne,nde->nbpd", grad, weight).to(x.dtype)
         wide = torch.promote_types(x.dtype, torch.float32)  # (the norms compute their statistics at least so)
         centred = a.norm_kind.startswith("layernorm")
-        folded = self._fold(layer, kind, wide, centred)[idx]  # [n, d_model, d_head]
+        folded = torch.cat([self._fold(layer, kind, wide, centred)[heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
         norm = a.module(a.attn_norm, layer)
         stream = x.to(wide)
         if centred:
             stream = stream - stream.mean(-1, keepdim=True)
         scale = norm_scale(a.norm_kind, norm, x).to(wide)  # [batch, pos, 1]
         xhat = stream / scale  # [batch, pos, d_model]
-        g = grad.to(wide) / scale[..., None]  # [batch, pos, n, d_head]
+        g = torch.cat([g for _, _, g in parts], 2).to(wide) / scale[..., None]  # [batch, pos, n, d_head]
         along = (g * torch.einsum("bpd,nde->bpne", xhat, folded)).sum(-1) / x.shape[-1]  # [batch, pos, n]
         out = torch.einsum("bpne,nde->nbpd", g, folded)  # [n, batch, pos, d_model]
         out.sub_(xhat[None] * along.permute(2, 0, 1)[..., None])
@@ -111,7 +111,7 @@ class HeadInputs:
         key = (layer, kind)
         if key not in self._folded:
             a = self.model.adapter
-            weight = self.projection(layer, kind)[0].to(dtype)
+            weight = self.projection(layer, kind)[0].to(dtype)  # [head, d_model, d_head]
             gain = norm_weight(a.norm_kind, a.module(a.attn_norm, layer)).to(weight.device, dtype)  # [d_model]
             folded = weight * gain[:, None]
             self._folded[key] = folded - folded.mean(1, keepdim=True) if centred else folded
