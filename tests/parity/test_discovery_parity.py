@@ -149,7 +149,7 @@ def test_head_input_gradient_in_closed_form_is_autograds(family):
     x = torch.randn(2, 5, model.cfg.d_model, dtype=model.dtype) * 3 + 1  # [batch, pos, d_model], off-centre
     deferred = 0
     for layer in range(model.cfg.n_layers):
-        parts, inputs = [], []
+        parts = []
         for kind in "qkv":
             n = model.cfg.n_heads if kind == "q" else model.cfg.n_kv_heads
             heads = list(range(n))[::-1][:3]  # a subset, out of order
