@@ -70,7 +70,6 @@ class HeadInputs:
         out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module
 
-
     def input_grad(self, layer: int, parts: list[tuple[str, list[int], Tensor]], x: Tensor) -> Tensor | None:
         """The vector-Jacobian product of `value` at x, in closed form: d metric / d (each head's own
         input), given the gradient at its q, k or v. parts: [(kind, heads, grad [batch, pos, n_kind,

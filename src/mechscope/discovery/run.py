@@ -3,8 +3,8 @@
 1. score every edge with the chosen method;
 2. evaluate the circuits of growing size in one batch (the faithfulness curve);
 3. choose the circuit (ranked by |score|, or by the signed effect with `signed`): `edges=N` (top N,
-   pruned), ACDC's own, or the smallest top-N circuit whose
-   faithfulness on the discovery prompts reaches `target` (by bisection on the curve);
+   pruned), ACDC's own, or the smallest top-N circuit whose faithfulness on the discovery prompts
+   reaches `target` (by bisection on the curve);
 4. evaluate it on fresh prompts when given;
 5. return a JSON-ready record (discover.json) with the time of each step, as a multiple of one
    plain forward of the batch too.

@@ -3,9 +3,10 @@
 A circuit is chosen from scores by |score|: the top edges (`edges=N`) or those above a threshold,
 or (`signed=True`) by the signed effect toward the empty run: the edges whose removal moves the metric
 furthest toward the all-ablated run come first, and edges whose removal helps the task come last (as
-the EAP-IG repository's `absolute=False`, and MIB's circuit performance ratio). The circuit is then pruned of what cannot matter: an edge into a head or MLP that writes to nothing left in the
-circuit, and an edge out of a head or MLP that reads nothing left in it (as the EAP-IG repository
-prunes), until nothing changes. `greedy=True` grows the circuit from the logits instead: the best
+the EAP-IG repository's `absolute=False`, and MIB's circuit performance ratio). The circuit is then
+pruned of what cannot matter: an edge into a head or MLP that writes to nothing left in the circuit,
+and an edge out of a head or MLP that reads nothing left in it (as the EAP-IG repository prunes),
+until nothing changes. `greedy=True` grows the circuit from the logits instead: the best
 edge whose reader already sits in the circuit, one at a time (EAP-IG's greedy mode).
 """
 
