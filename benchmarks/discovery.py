@@ -9,7 +9,8 @@ plain forward of the same batch, peak memory (each method in a fresh process: re
 allocated memory on a GPU), and its faithfulness curves (circuits ranked by |score| and by signed
 score). ACDC runs on the top `--acdc-top` EAP-IG edges (its time excludes EAP-IG's; its peak
 includes it). Then TransformerLens: both tools score every edge of the same random GPT-2-shaped model
-on the same token ids; time ratio and max abs difference of the edge scores (TL scores per position; summed over positions they are ours).
+on the same token ids; time ratio and max abs difference of the edge scores (TL scores per position;
+summed over positions they are ours).
 """
 
 from __future__ import annotations

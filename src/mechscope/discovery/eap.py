@@ -169,18 +169,18 @@ def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
 
     x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] [batch, pos, head, d_head]
     -> [n, batch, pos, d_model], in the order of `parts`."""
-    heads = [[h for _, h in items] for _, items in parts]
-    closed = patcher.heads.input_grad(layer, [(kind, hs, grads[(kind, layer)][:, :, hs])
-                                              for (kind, _), hs in zip(parts, heads)], x)
+    per_kind = [(kind, [h for _, h in items]) for kind, items in parts]
+    per_kind = [(kind, hs, grads[(kind, layer)][:, :, hs]) for kind, hs in per_kind]  # (kind, heads, [batch, pos, n_kind, d_head])
+    closed = patcher.heads.input_grad(layer, per_kind, x)
     if closed is not None:
         return closed
-    n = sum(len(hs) for hs in heads)
+    n = sum(len(hs) for _, hs, _ in per_kind)
     with torch.enable_grad():
         xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
         values, cotangents, i = [], [], 0
-        for (kind, _), hs in zip(parts, heads):
+        for kind, hs, g in per_kind:
             values.append(patcher.heads.value(layer, kind, hs, xs[:, :, i:i + len(hs)]))  # [batch, pos, n_kind, d_head]
-            cotangents.append(grads[(kind, layer)][:, :, hs].to(values[-1].dtype))
+            cotangents.append(g.to(values[-1].dtype))
             i += len(hs)
         g, = torch.autograd.grad(values, xs, cotangents)
     return g.permute(2, 0, 1, 3)  # [n, batch, pos, d_model]

@@ -85,10 +85,10 @@ class HeadInputs:
         if any(self.projection(layer, kind)[2] is not None for kind, _, _ in parts):
             return None
         a = self.model.adapter
+        grad = torch.cat([g for _, _, g in parts], 2)  # [batch, pos, n, d_head]
         if a.attn_norm is None:  # no norm (OLMo-2): the projection alone
             weight = torch.cat([self.projection(layer, kind)[0][heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
-            grad = torch.cat([g for _, _, g in parts], 2).to(weight.dtype)  # [batch, pos, n, d_head]
-            return torch.einsum("bpne,nde->nbpd", grad, weight).to(x.dtype)
+            return torch.einsum("bpne,nde->nbpd", grad.to(weight.dtype), weight).to(x.dtype)
         wide = torch.promote_types(x.dtype, torch.float32)  # (the norms compute their statistics at least so)
         centred = a.norm_kind.startswith("layernorm")
         folded = torch.cat([self._fold(layer, kind, wide, centred)[heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
@@ -98,7 +98,7 @@ class HeadInputs:
             stream = stream - stream.mean(-1, keepdim=True)
         scale = norm_scale(a.norm_kind, norm, x).to(wide)  # [batch, pos, 1]
         xhat = stream / scale  # [batch, pos, d_model]
-        g = torch.cat([g for _, _, g in parts], 2).to(wide) / scale[..., None]  # [batch, pos, n, d_head]
+        g = grad.to(wide) / scale[..., None]  # [batch, pos, n, d_head]
         along = (g * torch.einsum("bpd,nde->bpne", xhat, folded)).sum(-1) / x.shape[-1]  # [batch, pos, n]
         out = torch.einsum("bpne,nde->nbpd", g, folded)  # [n, batch, pos, d_model]
         out.sub_(xhat[None] * along.permute(2, 0, 1)[..., None])
