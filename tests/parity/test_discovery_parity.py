@@ -107,6 +107,20 @@ def test_eap_is_the_gradient_of_the_edge_mask(model):
                                **exact_for(model))
 
 
+def test_eap_ig_heads_summed_over_steps_equal_autograd_per_step(model, monkeypatch):
+    """EAP-IG sums a head's gradient over steps in d_head space and carries it to d_model once
+    (`_HeadSums`); autograd through each head's own copy of the norm, step by step, must agree, for
+    both interpolations."""
+    from mechscope.discovery.readers import HeadInputs
+
+    batch = tiny_batch(model)
+    ev = Evaluator(model, batch, Graph.from_model(model))
+    summed = [discover(model, batch, method=m, steps=3, evaluator=ev).values for m in ("eap-ig", "eap-ig-activations")]
+    monkeypatch.setattr(HeadInputs, "input_grad_terms", lambda *args, **kwargs: None)  # the autograd path for every layer
+    for m, fast in zip(("eap-ig", "eap-ig-activations"), summed):
+        torch.testing.assert_close(fast, discover(model, batch, method=m, steps=3, evaluator=ev).values, **exact_for(model))
+
+
 @pytest.mark.parametrize("family", ["olmo2", "olmoe", "opt", "bloom", "falcon-new"])
 def test_readers_of_families_that_read_differently(family):
     """OLMo-2 (no norm before attention or the MLP; q/k norms over all heads), OLMoE (the same q/k
@@ -140,7 +154,8 @@ def test_eap_equals_exact_where_the_model_is_linear_downstream():
 def test_head_input_gradient_in_closed_form_is_autograds(family):
     """HeadInputs.input_grad (the norm's and the projection's Jacobians in closed form, which EAP
     uses) equals autograd through HeadInputs.value (each head's own copy of the norm), on every
-    family; only where a q/k norm follows the projection does it defer to autograd."""
+    family, with the rank-one term computed or read from the heads' q, k and v; only where a q/k
+    norm follows the projection does it defer to autograd."""
     from mechscope.discovery.readers import HeadInputs
 
     model = HookedModel(tiny_hf(family), byte_tokenizer())
@@ -156,6 +171,10 @@ def test_head_input_gradient_in_closed_form_is_autograds(family):
             parts.append((kind, heads, torch.randn(2, 5, len(heads), model.cfg.d_head, dtype=model.dtype)))
         for chosen in (parts, parts[2:], parts[:1]):  # all three kinds at once, v alone, q alone
             closed = heads_of.input_grad(layer, chosen, x)  # [n, batch, pos, d_model]
+            if closed is not None:  # the rank-one term read from the heads' own q, k, v instead
+                own = [heads_of.value(layer, kind, heads, x[:, :, None].expand(2, 5, len(heads), -1))
+                       for kind, heads, _ in chosen]  # [batch, pos, n_kind, d_head] each
+                torch.testing.assert_close(heads_of.input_grad(layer, chosen, x, own), closed, **exact_for(model))
             if closed is None:
                 assert any(heads_of.projection(layer, kind)[2] is not None for kind, _, _ in chosen)  # a q/k norm after
                 deferred += 1

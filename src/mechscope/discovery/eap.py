@@ -12,7 +12,9 @@ recorded ablated run and one forward and backward pass:
    input;
 3. a head's gradient is carried back to its own input through its slice of the projection and the
    norm's Jacobian (in closed form, `HeadInputs.input_grad`; autograd through `HeadInputs.value`
-   where a q/k norm follows the projections); no forward with split inputs is needed;
+   where a q/k norm follows the projections); no forward with split inputs is needed. In closed
+   form a head's gradient is summed over steps in d_head space, with the norm's rank-one terms
+   stacked, and carried to d_model once (`_HeadSums`);
 4. the gradients are summed over steps per reader, [reader, batch*pos*d], and the scores are one
    product of them with the writers' differences [writer, batch*pos*d]: no [reader, writer, ...]
    buffer is ever formed, and the differences are read once.
@@ -41,16 +43,24 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
     _check_gradient_memory(patcher)
     grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
+    sums = _HeadSums()  # the heads' gradients in closed form, summed over steps before they reach d_model
+
+    def add(atoms: list[int], grad: Tensor) -> None:
+        nonlocal grads
+        if grads is None:
+            grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
+        grads.index_add_(0, torch.tensor(atoms, device=grads.device), grad.reshape(len(atoms), -1))  # in place
+
     for step in range(1, steps + 1):
         alpha = step / steps
         if step == steps and patcher.clean_grads is not None and patcher.clean_fn is fn:
             grads = patcher.clean_grads if grads is None else grads.add_(patcher.clean_grads)
             patcher.clean_grads = None  # used once: its memory goes with this call
             continue
-        for atoms, grad in _reader_grads(patcher, fn, alpha, interpolate):
-            if grads is None:
-                grads = grad.new_zeros(len(patcher.atoms), grad[0].numel())
-            grads.index_add_(0, torch.tensor(atoms, device=grads.device), grad.reshape(len(atoms), -1))  # in place
+        for atoms, grad in _reader_grads(patcher, fn, alpha, interpolate, sums):
+            add(atoms, grad)
+    for atoms, grad in sums.finish(patcher.heads, patcher.model.dtype):
+        add(atoms, grad)
     # (ablated - clean) . gradient, as -(clean - ablated) . gradient: no negated copy of the differences
     per_atom = -_writer_atom_products(patcher, patcher.delta.flatten(1), grads).to("cpu", wide)  # [writer, atom]
     per_reader = torch.zeros(len(g.writers), len(g.readers), dtype=wide).index_add_(1, patcher.atom_reader, per_atom)
@@ -88,9 +98,9 @@ def _check_gradient_memory(patcher: EdgePatcher) -> None:
                          "shorter prompts, or a graph of fewer readers (Graph.from_model(model, layers=...))")
 
 
-def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: str):
+def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: str, sums: "_HeadSums"):
     """One forward and backward at interpolation point alpha; yields (atom indices, gradients
-    [atom, batch, pos, d_model]) layer by layer."""
+    [atom, batch, pos, d_model]) layer by layer, except the heads' that `sums` takes in closed form."""
     model, batch, cfg = patcher.model, patcher.batch, patcher.model.cfg
     rec = _Recorder(patcher)
     with torch.enable_grad(), rec.hooks(alpha if interpolate == "activations" else None):
@@ -102,7 +112,36 @@ def _reader_grads(patcher: EdgePatcher, fn: Metric, alpha: float, interpolate: s
         final = at_positions(out, batch.read_pos)  # [batch, d_model]
         value = widen(fn(model.logits_from_resid(final), batch)).mean()
         g_final, _ = torch.autograd.grad(value, [final, hidden])  # through every reader to the embeddings
-    yield from _per_atom(patcher, rec, g_final)
+    yield from _per_atom(patcher, rec, g_final, sums)
+
+
+class _HeadSums:
+    """The heads' gradients of several passes (EAP-IG's steps), summed before they are carried to
+    d_model: per layer, the terms of `HeadInputs.input_grad_terms` (g / s summed, xhat and along
+    stacked), then one [n, batch, pos, d_model] product per layer for all steps (`finish`) instead of
+    one per step."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[list[int], list, Tensor, list, list]] = {}
+
+    def add(self, layer: int, atoms: list[int], parts: list[tuple[str, list[int]]], terms: tuple) -> None:
+        g, xhat, along = terms
+        if layer not in self.layers:
+            self.layers[layer] = (atoms, parts, g, [xhat], [along])
+            return
+        seen = self.layers[layer]
+        assert seen[0] == atoms, "the same atoms at every step"
+        seen[2].add_(g)  # [batch, pos, n, d_head]
+        seen[3].append(xhat)
+        seen[4].append(along)
+
+    def finish(self, heads, dtype: torch.dtype):
+        """(atom indices, gradients [atom, batch, pos, d_model]) per layer, summed over the passes."""
+        for layer, (atoms, parts, g, xhats, alongs) in self.layers.items():
+            xhat = None if xhats[0] is None else torch.cat(xhats)  # [t, batch, pos, d_model]
+            along = None if alongs[0] is None else torch.cat(alongs)  # [t, batch, pos, n]
+            yield atoms, heads.input_grad_from(layer, parts, g, xhat, along).to(dtype)
+        self.layers.clear()
 
 
 class CleanGradients:
@@ -145,15 +184,18 @@ class CleanGradients:
         return fn, grads
 
 
-def _per_atom(patcher: EdgePatcher, rec: "_Recorder", g_final: Tensor):
+def _per_atom(patcher: EdgePatcher, rec: "_Recorder", g_final: Tensor, sums: _HeadSums | None = None):
     """After a gradient pass: (atom indices, gradients [atom, batch, pos, d_model]) layer by layer, the
-    heads' carried back to their own inputs."""
+    heads' carried back to their own inputs (or, where in closed form and `sums` is given, left in
+    `sums`)."""
     batch, cfg = patcher.batch, patcher.model.cfg
     for l in range(cfg.n_layers):
         parts = [(kind, rec.atoms[(kind, l)]) for kind in "qkv" if (kind, l) in rec.atoms]
         if parts:
             atoms = [a for _, items in parts for a, _ in items]
-            yield atoms, _through_head_inputs(patcher, l, parts, rec.x[l], rec.grads)
+            grad = _through_head_inputs(patcher, l, parts, rec.x[l], rec.grads, rec.values, sums, atoms)
+            if grad is not None:
+                yield atoms, grad
         if ("mlp", l) in rec.atoms:
             yield [rec.atoms[("mlp", l)][0][0]], rec.grads[("mlp", l)][None]
     if ("logits", cfg.n_layers) in rec.atoms:
@@ -162,18 +204,22 @@ def _per_atom(patcher: EdgePatcher, rec: "_Recorder", g_final: Tensor):
         yield [rec.atoms[("logits", cfg.n_layers)][0][0]], full[None]
 
 
-def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
+def _through_head_inputs(patcher, layer, parts, x, grads, values, sums=None, atoms=None) -> Tensor | None:
     """d metric / d (each head's own input), for a layer's q, k and v heads: in closed form where the
     norm comes before the projections (`HeadInputs.input_grad`, all of them in one product), else the
     vector-Jacobian product of the per-head projections (one copy of the norm per head input).
 
-    x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] [batch, pos, head, d_head]
-    -> [n, batch, pos, d_model], in the order of `parts`."""
+    x [batch, pos, d_model]; parts [(kind, [(atom, head)])]; grads[(kind, layer)] and values[(kind,
+    layer)] (the forward's q, k or v) [batch, pos, head, d_head] -> [n, batch, pos, d_model], in the
+    order of `parts`; None where the closed form's terms went into `sums`."""
     per_kind = [(kind, [h for _, h in items]) for kind, items in parts]
     per_kind = [(kind, hs, grads[(kind, layer)][:, :, hs]) for kind, hs in per_kind]  # (kind, heads, [batch, pos, n_kind, d_head])
-    closed = patcher.heads.input_grad(layer, per_kind, x)
-    if closed is not None:
-        return closed
+    terms = patcher.heads.input_grad_terms(layer, per_kind, x, [values[(kind, layer)][:, :, hs] for kind, hs, _ in per_kind])
+    if terms is not None:
+        if sums is not None:
+            sums.add(layer, atoms, [(kind, hs) for kind, hs, _ in per_kind], terms)
+            return None
+        return patcher.heads.input_grad_from(layer, [(kind, hs) for kind, hs, _ in per_kind], *terms).to(x.dtype)
     n = sum(len(hs) for _, hs, _ in per_kind)
     with torch.enable_grad():
         xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
@@ -187,12 +233,14 @@ def _through_head_inputs(patcher, layer, parts, x, grads) -> Tensor:
 
 
 class _Recorder:
-    """The hooks of one gradient pass: inputs to each layer, gradients at every reader."""
+    """The hooks of one gradient pass: inputs to each layer, the heads' q, k and v, gradients at
+    every reader."""
 
     def __init__(self, patcher: EdgePatcher):
         self.p = patcher
         self.x: dict[int, Tensor] = {}
         self.grads: dict[tuple[str, int], Tensor] = {}
+        self.values: dict[tuple[str, int], Tensor] = {}
         self.atoms: dict[tuple[str, int], list[tuple[int, int | None]]] = {}
         for a, ((kind, layer, head), _) in enumerate(patcher.atoms):
             self.atoms.setdefault((kind, layer), []).append((a, head))
@@ -206,6 +254,7 @@ class _Recorder:
                 if l not in seen:
                     seen.add(l)
                     fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
+                fwd.append((f"blocks.{l}.attn.hook_{kind}", self._keep_value(kind, l)))
                 bwd.append((f"blocks.{l}.attn.hook_{kind}", self._keep_grad(kind, l)))
             elif kind == "mlp":
                 norm = model.adapter.reader(l, mlp=True)  # the MLP's norm, or the MLP (OLMo-2)
@@ -223,6 +272,11 @@ class _Recorder:
     def _keep_x(self, layer):
         def hook(act, _):
             self.x[layer] = act.detach()
+        return hook
+
+    def _keep_value(self, kind, layer):
+        def hook(act, _):
+            self.values[(kind, layer)] = act.detach()
         return hook
 
     def _keep_grad(self, kind, layer):

@@ -31,6 +31,7 @@ class HeadInputs:
         self._norms = [a.pre_norm(l) for l in range(model.cfg.n_layers)]  # (the identity on OLMo-2)
         self._proj: dict[tuple[int, str], tuple[Tensor, Tensor, nn.Module | None]] = {}
         self._folded: dict[tuple[int, str], Tensor] = {}
+        self._offsets: dict[tuple[int, str, torch.dtype], Tensor] = {}
 
     def projection(self, layer: int, kind: str) -> tuple[Tensor, Tensor, nn.Module | None]:
         """(weight [head, d_model, d_head], bias [head, d_head], per-head module after it or None)."""
@@ -70,28 +71,41 @@ class HeadInputs:
         out = torch.einsum("...nd,nde->...ne", normed, weight[idx]) + bias[idx]  # [..., n, d_head]
         return out if post is None else post.forward(out)  # forward: the q site may hook this very module
 
-    def input_grad(self, layer: int, parts: list[tuple[str, list[int], Tensor]], x: Tensor) -> Tensor | None:
+    def input_grad(self, layer: int, parts: list[tuple[str, list[int], Tensor]], x: Tensor,
+                   values: list[Tensor] | None = None) -> Tensor | None:
         """The vector-Jacobian product of `value` at x, in closed form: d metric / d (each head's own
         input), given the gradient at its q, k or v. parts: [(kind, heads, grad [batch, pos, n_kind,
         d_head])]; x [batch, pos, d_model] (what every head reads) -> [n, batch, pos, d_model], the
         heads in the order of `parts`. None where a q/k norm follows a projection (Gemma 3, Qwen3,
-        OLMo-2): there, autograd through `value` gives it.
+        OLMo-2): there, autograd through `value` gives it. `values`: see `input_grad_terms`."""
+        terms = self.input_grad_terms(layer, parts, x, values)
+        if terms is None:
+            return None
+        return self.input_grad_from(layer, [(kind, heads) for kind, heads, _ in parts], *terms).to(x.dtype)
+
+    def input_grad_terms(self, layer: int, parts: list[tuple[str, list[int], Tensor]], x: Tensor,
+                         values: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """`input_grad` before it is carried to d_model: (g / s [batch, pos, n, d_head], xhat [1,
+        batch, pos, d_model], along [1, batch, pos, n]), the last two None where no norm comes first.
 
         With xhat = the normalized stream and s its scale, the norm is y = w * xhat (+ b); its
         Jacobian's transpose takes v = w * u to (v - xhat * mean(v * xhat)) / s for an RMSNorm, and a
         LayerNorm also takes v's mean away. With u = W_i g (W_i the head's slice), w and the centring
-        fold into W_i, so each head costs one product and one rank-one correction, and the norm's
-        statistics are computed once for all heads."""
+        fold into W_i, so each head costs one product and one rank-one correction, xhat * along, and
+        the norm's statistics are computed once for all heads. along needs xhat's projection through
+        the folded slice, which is the head's q, k or v less what the norm's bias and the projection's
+        bias add (`_offset`): given `values` (the q, k, v the forward computed, [batch, pos, n_kind,
+        d_head] per part), it is read from them instead of computed. Terms are linear in what
+        `input_grad_from` makes of them: the terms of several points (EAP-IG's steps) can be summed
+        (g / s) and stacked (xhat, along) and carried to d_model once."""
         if any(self.projection(layer, kind)[2] is not None for kind, _, _ in parts):
             return None
         a = self.model.adapter
         grad = torch.cat([g for _, _, g in parts], 2)  # [batch, pos, n, d_head]
-        if a.attn_norm is None:  # no norm (OLMo-2): the projection alone
-            weight = torch.cat([self.projection(layer, kind)[0][heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
-            return torch.einsum("bpne,nde->nbpd", grad.to(weight.dtype), weight).to(x.dtype)
         wide = torch.promote_types(x.dtype, torch.float32)  # (the norms compute their statistics at least so)
+        if a.attn_norm is None:  # no norm (OLMo-2): the projection alone
+            return grad.to(wide), None, None
         centred = a.norm_kind.startswith("layernorm")
-        folded = torch.cat([self._fold(layer, kind, wide, centred)[heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
         norm = a.module(a.attn_norm, layer)
         stream = x.to(wide)
         if centred:
@@ -99,10 +113,40 @@ class HeadInputs:
         scale = norm_scale(a.norm_kind, norm, x).to(wide)  # [batch, pos, 1]
         xhat = stream / scale  # [batch, pos, d_model]
         g = grad.to(wide) / scale[..., None]  # [batch, pos, n, d_head]
-        along = (g * torch.einsum("bpd,nde->bpne", xhat, folded)).sum(-1) / x.shape[-1]  # [batch, pos, n]
+        if values is None:
+            folded = torch.cat([self._fold(layer, kind, wide, centred)[heads] for kind, heads, _ in parts])  # [n, d_model, d_head]
+            projected = torch.einsum("bpd,nde->bpne", xhat, folded)  # [batch, pos, n, d_head]
+        else:  # xhat's projection is what the forward computed, less the biases
+            projected = torch.cat([v.to(wide) - self._offset(layer, kind, wide)[heads]
+                                   for (kind, heads, _), v in zip(parts, values)], 2)  # [batch, pos, n, d_head]
+        along = (g * projected).sum(-1) / x.shape[-1]  # [batch, pos, n]
+        return g, xhat[None], along[None]
+
+    def input_grad_from(self, layer: int, parts: list[tuple[str, list[int]]], g: Tensor, xhat: Tensor | None,
+                        along: Tensor | None) -> Tensor:
+        """`input_grad_terms`' terms carried to d_model: g [batch, pos, n, d_head], xhat [t, batch,
+        pos, d_model], along [t, batch, pos, n] (t points) -> [n, batch, pos, d_model] (at least float32)."""
+        a = self.model.adapter
+        if xhat is None:
+            weight = torch.cat([self.projection(layer, kind)[0][heads] for kind, heads in parts])  # [n, d_model, d_head]
+            return torch.einsum("bpne,nde->nbpd", g, weight.to(g.dtype))
+        centred = a.norm_kind.startswith("layernorm")
+        folded = torch.cat([self._fold(layer, kind, g.dtype, centred)[heads] for kind, heads in parts])  # [n, d_model, d_head]
         out = torch.einsum("bpne,nde->nbpd", g, folded)  # [n, batch, pos, d_model]
-        out.sub_(xhat[None] * along.permute(2, 0, 1)[..., None])
-        return out.to(x.dtype)
+        if len(xhat) == 1:
+            return out.sub_(xhat * along[0].permute(2, 0, 1)[..., None])
+        return out.sub_(torch.einsum("tbpn,tbpd->nbpd", along, xhat))
+
+    def _offset(self, layer: int, kind: str, dtype: torch.dtype) -> Tensor:
+        """What every head's q, k or v is when the norm's input is zero: the norm's bias through the
+        head's slice plus the projection's bias, [head, d_head]."""
+        key = (layer, kind, dtype)
+        if key not in self._offsets:
+            weight, bias, _ = self.projection(layer, kind)
+            zero = torch.zeros(self.model.cfg.d_model, dtype=self.model.dtype, device=weight.device)
+            normed = self._norms[layer](zero).to(dtype)  # [d_model]: the norm's bias (zero for an RMSNorm)
+            self._offsets[key] = torch.einsum("d,hde->he", normed, weight.to(dtype)) + bias.to(dtype)
+        return self._offsets[key]
 
     def _fold(self, layer: int, kind: str, dtype: torch.dtype, centred: bool) -> Tensor:
         """Every head's slice with the norm's gain folded in (and centred over d_model for a
