@@ -83,6 +83,36 @@ def test_edge_patching_equals_literal_reference(model):
         assert exact.values[i].item() == pytest.approx(ref, abs=1e-5 * (1 + abs(ref))), name
 
 
+@pytest.mark.usefixtures("no_grad")
+def test_runs_resumed_from_a_reference_equal_runs_from_the_clean_run(model):
+    """`run(masks, reference=)` resumes where a mask first differs from the reference's, from that
+    run's stream and writer differences: the same logits as the run from the clean recording, for
+    masks that differ late, early, by fewer ablations, or not at all, with most edges ablated (the
+    complement path) or few."""
+    batch = tiny_batch(model)
+    p = Evaluator(model, batch, Graph.from_model(model)).patcher
+    g = p.graph
+    into = g.edges[:, 1]  # [n_edges]: reader indices
+    late = torch.tensor([g.readers[int(r)].name == "logits" for r in into])  # edges into the logits
+    early = torch.tensor([g.readers[int(r)].stage == g.readers[0].stage for r in into])  # into layer 0
+    torch.manual_seed(0)
+    for share in (0.9, 0.2):
+        ref_mask = torch.rand(g.n_edges) < share  # [n_edges], 1 = ablated
+        ref = p.reference(ref_mask)
+        masks = ref_mask.repeat(5, 1)  # [variants, n_edges]
+        masks[1, (late & ~ref_mask).nonzero()[-1:]] = True  # one more edge, late (if one is kept)
+        masks[2, late.nonzero()[-1]] = ~masks[2, late.nonzero()[-1]]  # one edge flipped, late
+        masks[3, early] = ~masks[3, early]  # early edges flipped: resumes at layer 0
+        masks[4, late & ref_mask] = False  # fewer ablations than the reference
+        plain = p.run(masks)  # [variants, batch, d_vocab]
+        for i in range(5):  # one at a time: a chunk resumes where its earliest row differs
+            torch.testing.assert_close(p.run(masks[i:i + 1], ref), plain[i:i + 1], **exact_for(model))
+        torch.testing.assert_close(p.run(masks[[0, 1, 2, 4]], ref), plain[[0, 1, 2, 4]], **exact_for(model))
+        changed = [not torch.allclose(plain[i], plain[0]) for i in range(1, 5)]
+        # (with 90% ablated, most writers' outputs are their ablated ones, or reach nothing kept)
+        assert all(changed) if share < 0.5 else any(changed)
+
+
 def test_eap_is_the_gradient_of_the_edge_mask(model):
     """EAP's score of an edge is d metric / d m_e at m = 0, where m_e ablates a fraction m_e of it."""
     batch = tiny_batch(model)

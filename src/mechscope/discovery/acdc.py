@@ -5,13 +5,15 @@ by the layer they are read in, so each batch of variants resumes from that layer
 
 `acdc`: the automatic circuit discovery of Conmy et al., batched:
 1. start from the whole graph (or, with `candidates`, from those edges only: the rest are ablated
-   from the start) and measure the metric m(G);
+   from the start, and that circuit's run is kept as the `Reference` every later run resumes from)
+   and measure the metric m(G);
 2. visit the readers from the logits backwards (reverse topological order);
 3. a reader whose node writes into nothing left in the circuit cannot matter: its incoming edges are
    removed untested;
 4. otherwise all its incoming edges are tried in one batch, each removed alone from the current
-   circuit (resuming from the reader's layer), and every edge whose removal moves the metric by at
-   most `threshold` (|m(G without e) - m(G)| <= threshold) is removed;
+   circuit (resuming from the reader's layer: no earlier step changed anything before it), and every
+   edge whose removal moves the metric by at most `threshold` (|m(G without e) - m(G)| <= threshold)
+   is removed;
 5. m(G) is measured alongside the next batch only when it is not known: when the last step removed
    one edge, the circuit is that edge's variant, whose metric was just measured; when it removed
    none, or removed edges into a node that writes nothing kept, the circuit computes the same.
@@ -60,6 +62,9 @@ def acdc(ev: Evaluator, *, threshold: float, candidates: Tensor | None = None,
     writer_names = [w.name for w in g.writers]
     order = sorted(range(len(g.readers)), key=lambda r: (-g.readers[r].stage, -r))
     current = None  # m(G), the metric of the circuit as it is, when known
+    # Every step changes only readers at or after the one it visits: the first circuit's run up to there
+    # serves them all (without candidates, that run is the clean one, and the patcher's own)
+    reference = None if candidates is None else ev.patcher.reference(ablated)
     with progress_bar(progress, len(order), f"ACDC (threshold {threshold:g})") as bar:
         for r in order:
             bar.advance(1)
@@ -75,7 +80,7 @@ def acdc(ev: Evaluator, *, threshold: float, candidates: Tensor | None = None,
             first = int(current is None)  # row 0, when m(G) is not known: the circuit as it is
             masks = ablated.repeat(len(live) + first, 1)  # [variants (+ 1), n_edges]
             masks[torch.arange(first, len(live) + first), torch.tensor(live)] = True
-            values = ev.metric(masks).double()
+            values = ev.metric(masks, reference).double()
             if first:
                 current, values = values[0], values[1:]
             effect = values - current  # [variants], against the current circuit

@@ -15,9 +15,11 @@ clean run, bit for bit.
 The steps of `EdgePatcher.run(masks)` (masks [k, n_edges], one row per variant, 1 = ablated):
 1. record once the clean run (writers' outputs, each layer's inputs) and the ablated writer outputs;
 2. resume at the first layer any ablated edge reads (layers before see no change), the k variants
-   stacked along the batch (variant-major), chunked by a memory budget;
+   stacked along the batch (variant-major), chunked by a memory budget; given a `Reference` (one
+   patched run kept, `reference(mask)`), resume instead at the first layer where a variant's
+   ablations differ from the reference's, from the reference's residual stream there;
 3. as writers run, keep (current - ablated) for those with ablated edges; writers before the resumed
-   layer keep their clean difference;
+   layer keep their clean difference (or the reference's);
 4. at each reader with ablated edges, subtract the masked sum of those differences; a head's input
    changes its q, k or v by f(input - correction) - f(input), added to the module's own value, so a
    reader whose correction is zero keeps its exact value;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -41,6 +44,16 @@ from mechscope.patching.resume import LayerInputs
 from mechscope.tasks.batch import ContrastiveBatch
 
 ABLATIONS = ("corrupt", "mean", "zero")
+
+
+@dataclass
+class Reference:
+    """One patched run, kept so that variants of its mask resume where they first differ from it
+    (`EdgePatcher.reference`, `run(..., reference=)`): ACDC's circuit, whose first layers no later step
+    changes."""
+    coef: Tensor  # [writer, atom]: its ablation coefficients
+    resid: list[Tensor]  # per layer, [batch, pos, d_model]: each layer's input in that run
+    delta: Tensor  # [writer, batch*pos*d]: each writer's output in that run minus its ablated output
 
 
 def check_ablation(ablation: str) -> None:
@@ -214,15 +227,22 @@ class EdgePatcher:
         return max(1, int(self.memory_mb * 2**20 // row))
 
     # ---- the patched run ------------------------------------------------------------------------
-    def run(self, masks: Tensor) -> Tensor:
+    def run(self, masks: Tensor, reference: Reference | None = None) -> Tensor:
         """Read-position logits [k, batch, d_vocab] with the edges where masks [k, n_edges] is nonzero
-        ablated (a float mask m ablates a fraction m; gradients flow to a float mask)."""
+        ablated (a float mask m ablates a fraction m; gradients flow to a float mask). With a
+        `reference`, each chunk resumes at the first layer where its masks differ from the reference's."""
         if masks.ndim != 2 or masks.shape[1] != self.graph.n_edges:
             raise InputError(f"edge masks must be [variants, {self.graph.n_edges}], not {tuple(masks.shape)}")
         step = self.variants_per_chunk()
-        return torch.cat([self._run(masks[i:i + step]) for i in range(0, masks.shape[0], step)])
+        return torch.cat([self._run(masks[i:i + step], reference) for i in range(0, masks.shape[0], step)])
 
-    def _run(self, masks: Tensor) -> Tensor:
+    def reference(self, mask: Tensor) -> Reference:
+        """Run the edge mask [n_edges] (1 = ablated) once and keep each layer's input and every
+        writer's difference, for `run(..., reference=)`."""
+        with torch.no_grad():
+            return self._run(mask.bool()[None], keep=True)
+
+    def _run(self, masks: Tensor, reference: Reference | None = None, keep: bool = False):
         k, b = masks.shape[0], len(self.batch)
         coef = self.atom_mask(masks)  # [k, writer, atom]
         grad = coef.requires_grad
@@ -230,18 +250,27 @@ class EdgePatcher:
         if grad:
             touched = torch.ones_like(touched)
         live_atoms = touched.any(0)  # [atom]
+        # Where the run resumes: the first atom whose ablations differ from the reference run's (the clean run's)
+        differs = touched if reference is None else coef.ne(reference.coef).any(1)  # [k, atom]
+        raw = coef
         binary = not grad and bool(((masks == 0) | (masks == 1)).all())
         kept = int((masks == 0).sum()) if binary else 0
         complement = self.full_graph and binary and kept < masks.numel() - kept
         if complement:  # input = base + kept writers' differences (for rows where the atom has an ablated edge)
             coef = self.atom_mask(masks == 0) * touched[:, None, :]  # [k, writer, atom]
-        live_writers = coef.ne(0).any(2).any(0) | grad  # [writer]
-        layers = [part[1] for (part, _), live in zip(self.atoms, live_atoms.tolist()) if live]
+        live_writers = coef.ne(0).any(2).any(0) | grad | keep  # [writer]
+        layers = [part[1] for (part, _), live in zip(self.atoms, differs.any(0).tolist()) if live]
         start = min(min(layers, default=self.n_layers), self.n_layers - 1)
-        state = _RunState(self, coef, touched, k, start, live_writers, complement)
-        hidden = self.inputs.resid[start].repeat(k, 1, 1)  # [k * batch, pos, d_model]
+        prefix = self.delta.flatten(1) if reference is None else reference.delta  # [writer, batch*pos*d]
+        state = _RunState(self, coef, touched, k, start, live_writers, complement, prefix, keep)
+        resid = self.inputs.resid if reference is None else reference.resid
+        hidden = resid[start].repeat(k, 1, 1)  # [k * batch, pos, d_model]
         with state.hooks(live_atoms):
             hidden = self.inputs.run_layers(hidden, start, self.n_layers, k)  # [k * batch, pos, d_model]
+        if keep:  # (one row: the reference's own run)
+            recorded = state.buf[0] if state.buf is not None else prefix[:0]
+            return Reference(raw[0], resid[:start] + [state.resid[l] for l in range(start, self.n_layers)],
+                             torch.cat([prefix[:state.n_pre], recorded]))
         hidden = hidden.view(k, b, *hidden.shape[1:])  # [k, batch, pos, d_model]
         final = at_positions(hidden, self.batch.read_pos)  # [k, batch, d_model]
         logit_atoms = [a for a, ((kind, _, _), _) in enumerate(self.atoms) if kind == "logits" and live_atoms[a]]
@@ -284,8 +313,11 @@ class _RunState:
     differentiable mask the differences are kept as separate tensors, so autograd can follow them.)"""
 
     def __init__(self, patcher: EdgePatcher, coef: Tensor, touched: Tensor, k: int, start: int, live_writers: Tensor,
-                 complement: bool = False):
+                 complement: bool, prefix: Tensor, keep: bool = False):
         self.p, self.coef, self.touched, self.k, self.start = patcher, coef, touched, k, start
+        self.prefix = prefix  # [writer, batch*pos*d]: the differences of the writers before `start`
+        self.keep = keep  # record each layer's input too (a `Reference`)
+        self.resid: dict[int, Tensor] = {}
         self.complement = complement  # coef holds the kept edges: input = base + their differences
         # With complement, a touched (variant, atom) pair with no kept edge reads its all-ablated base: the
         # same input in every variant and run, so a head's value there is the patcher's, computed once
@@ -344,7 +376,7 @@ class _RunState:
         pre = cp[:, :self.n_pre]  # [pairs, writer]: clean differences, the same for every variant
         used = pre.ne(0).any(0).nonzero().flatten() if not self.grad else torch.arange(self.n_pre)
         if len(used):
-            deltas = self.p.delta.flatten(1)  # [writer, batch*pos*d]
+            deltas = self.prefix  # [writer, batch*pos*d]
             out = out + (pre[:, used] @ deltas[used] if len(used) < self.n_pre // 2 else pre @ deltas[:self.n_pre])
         if self.grad and self.own:
             ws = sorted(self.own)
@@ -384,7 +416,7 @@ class _RunState:
             if live_atoms[a] and kind != "logits":
                 by_site.setdefault((kind, layer), []).append((a, head))
         for l in range(self.start, cfg.n_layers):
-            if any((t, l) in by_site for t in "qkv"):
+            if any((t, l) in by_site for t in "qkv") or self.keep:
                 fwd.append((f"blocks.{l}.hook_resid_pre", self._keep_x(l)))
             layer_atoms = [a for t in "qkv" for a, _ in by_site.get((t, l), [])]
             for t in "qkv":
@@ -413,6 +445,8 @@ class _RunState:
     def _keep_x(self, layer: int):
         def hook(act, _):
             self.x_attn[layer] = act  # [k * batch, pos, d_model]
+            if self.keep:
+                self.resid[layer] = act.detach()
         return hook
 
     def _keep_heads(self, layer: int, heads: list[tuple[int, int]]):

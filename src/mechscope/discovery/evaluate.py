@@ -51,10 +51,11 @@ class Evaluator:
     def _mean(self, read: Tensor) -> Tensor:
         return widen(self.fn(read, self.patcher.batch)).mean(-1)  # [k]
 
-    def metric(self, ablated: Tensor) -> Tensor:
-        """ablated [k, n_edges] (1 = ablated) -> mean metric [k], on the CPU."""
+    def metric(self, ablated: Tensor, reference=None) -> Tensor:
+        """ablated [k, n_edges] (1 = ablated) -> mean metric [k], on the CPU (`EdgePatcher.run`'s
+        `reference`: where the rows resume)."""
         with torch.no_grad():
-            return self._mean(self.patcher.run(ablated)).cpu()
+            return self._mean(self.patcher.run(ablated, reference)).cpu()
 
     def faithfulness(self, value: Tensor | float) -> Tensor | float:
         return (value - self.empty) / (self.clean - self.empty)
