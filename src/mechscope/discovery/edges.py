@@ -307,9 +307,10 @@ def _mean_over_prompts(out: Tensor, read_pos: Tensor) -> Tensor:
 class _RunState:
     """The hooks of one patched run and the (current - ablated) differences they collect.
 
-    Writers come in forward order, so those before the resumed layer are a prefix (their clean
-    differences serve every variant) and the recomputed ones fill a buffer [k, writer, batch*pos*d]
-    in order; a reader's correction is then a product with a prefix of it, never a copy. (With a
+    Writers come in forward order, so those before the resumed layer are a prefix (their clean, or
+    the reference's, differences serve every variant) and the recomputed ones that some reader takes
+    fill a buffer [k, slot, batch*pos*d] in order; a reader's correction is then a product with a
+    prefix of it, never a copy. (With a
     differentiable mask the differences are kept as separate tensors, so autograd can follow them.)"""
 
     def __init__(self, patcher: EdgePatcher, coef: Tensor, touched: Tensor, k: int, start: int, live_writers: Tensor,
@@ -328,7 +329,11 @@ class _RunState:
         self.grad = coef.requires_grad
         self.n_pre = sum(1 for w in g.writers if w.kind == "input" or w.layer < start)  # a prefix: forward order
         self.high = self.n_pre  # writers [0, high) are known
-        self.buf: Tensor | None = None  # [k, writer - n_pre, batch*pos*d]
+        # The writers after the prefix whose differences some reader takes, in forward order: buf's slots
+        self.slots = (live_writers[self.n_pre:].nonzero().flatten() + self.n_pre).cpu()  # [slot]
+        self.slot_of = {w: i for i, w in enumerate(self.slots.tolist())}
+        self.filled = 0  # slots [0, filled) are recorded
+        self.buf: Tensor | None = None  # [k, slot, batch*pos*d]
         self.own: dict[int, Tensor] = {}  # with a differentiable mask: writer -> [k, batch*pos*d]
         self.x_attn: dict[int, Tensor] = {}
         self._attn_cache: dict[int, tuple] = {}
@@ -346,9 +351,10 @@ class _RunState:
         if self.grad:
             self.own[w] = delta
         else:
-            if self.buf is None:
-                self.buf = delta.new_zeros(self.k, len(self.p.graph.writers) - self.n_pre, delta.shape[1])
-            self.buf[:, w - self.n_pre] = delta
+            if self.buf is None:  # (slots are read only once filled: no zeros needed)
+                self.buf = delta.new_empty(self.k, len(self.slots), delta.shape[1])
+            self.buf[:, self.slot_of[w]] = delta
+            self.filled = self.slot_of[w] + 1
         self.high = max(self.high, w + 1)
 
     def pairs(self, atoms: list[int]) -> Tensor:
@@ -382,14 +388,14 @@ class _RunState:
             ws = sorted(self.own)
             per_variant = torch.bmm(sub[:, ws].transpose(1, 2), torch.stack([self.own[w] for w in ws], 1))
             out = out + per_variant[pairs[:, 0], pairs[:, 1]]  # [pairs, batch*pos*d]
-        elif self.buf is not None and self.high > self.n_pre:
-            own = sub[:, self.n_pre:self.high]  # [k, writer, atom]
+        elif self.buf is not None and self.filled:
+            own = sub[:, self.slots[:self.filled].to(sub.device)]  # [k, slot, atom]
             cols = own.ne(0).any(2).any(0).nonzero().flatten()  # the writers some pair reads
             if len(cols):
                 if len(cols) < own.shape[1] // 2:  # few: gather them, rather than read every row
                     per_variant = torch.bmm(own[:, cols].transpose(1, 2), self.buf[:, cols])  # [k, atom, b*p*d]
                 else:
-                    per_variant = torch.bmm(own.transpose(1, 2), self.buf[:, :self.high - self.n_pre])
+                    per_variant = torch.bmm(own.transpose(1, 2), self.buf[:, :self.filled])
                 out = out + per_variant[pairs[:, 0], pairs[:, 1]]
         return out.view(len(pairs), b, pos, d)
 
