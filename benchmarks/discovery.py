@@ -11,6 +11,10 @@ score). ACDC runs on the top `--acdc-top` EAP-IG edges (its time excludes EAP-IG
 includes it). Then TransformerLens: both tools score every edge of the same random GPT-2-shaped model
 on the same token ids; time ratio and max abs difference of the edge scores (TL scores per position;
 summed over positions they are ours).
+
+`--model llama-1b-shape` times EAP and EAP-IG on a model of Llama-3.2-1B's shape (2048 wide, 16
+layers, 32 query and 8 key/value heads; SmolLM2's vocabulary) with random weights: where memory
+becomes the limit (no curves: its circuits mean nothing). Run it with `--skip acdc tl`.
 """
 
 from __future__ import annotations
@@ -25,13 +29,23 @@ import time
 import torch
 
 METHODS = ("eap", "eap-ig", "acdc")
+SHAPES = {"llama-1b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)}
 
 
 def setup(args):
-    from mechscope import load_model
+    from mechscope import HookedModel, load_model
     from mechscope.tasks import ContrastiveBatch, ioi
 
-    model = load_model(args.model, device=args.device)
+    if args.model in SHAPES:  # random weights, SmolLM2's tokenizer (and so its IOI names)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        smol = load_model("smollm2-135m")
+        torch.manual_seed(args.seed)
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=smol.cfg.d_vocab, **SHAPES[args.model])).eval().to(args.device)
+        model = HookedModel(hf, smol.tokenizer)
+    else:
+        model = load_model(args.model, device=args.device)
     batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=args.seed, model=model))
     return model, batch
 
@@ -69,7 +83,8 @@ def run_one(args, method: str) -> dict:
         scores = discover(model, batch, method=method, evaluator=ev)
         sync()
         seconds = time.perf_counter() - start
-    curve, signed = ev.curve(scores), ev.curve(scores, signed=True)
+    empty = {"sizes": [], "faithfulness": [], "area": float("nan")}
+    curve, signed = (empty, empty) if args.model in SHAPES else (ev.curve(scores), ev.curve(scores, signed=True))
     return {"method": method, "seconds": seconds, "forward": forward, "peak_mib": peak_mib(args.device),
             "sizes": curve["sizes"], "faithfulness": curve["faithfulness"], "area": curve["area"],
             "faithfulness_signed": signed["faithfulness"], "area_signed": signed["area"],
@@ -181,7 +196,7 @@ def main() -> None:
         print(f"{method:7s} {r['seconds']:7.1f} s = {r['seconds'] / r['forward']:6.1f} plain forwards "
               f"({r['forward']:.2f} s), peak {r['peak_mib']:7.0f} MiB, curve area {r['area']:.3f} "
               f"(signed {r['area_signed']:.3f}){extra}")
-    if rows:
+    if rows and rows[0]["sizes"]:
         print("\nfaithfulness at circuit size (top N edges, pruned), ranked by |score| / by signed score:")
         print("size    " + " ".join(f"{m['method'] + ' |s|':>12s} {m['method'] + ' signed':>12s}" for m in rows))
         for i, size in enumerate(rows[0]["sizes"]):

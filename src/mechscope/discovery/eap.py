@@ -41,8 +41,12 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     too (`EdgePatcher(gradients=...)`, for this metric), its gradients are used, and no pass runs for it."""
     g = patcher.graph
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
-    _check_gradient_memory(patcher)
     grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
+    clean = patcher.clean_grads is not None and patcher.clean_fn is fn
+    if not clean:
+        _check_gradient_memory(patcher)
+    if clean:  # the last point's gradients: the other steps add into them (no second buffer of that size)
+        grads, patcher.clean_grads = patcher.clean_grads, None  # used once: its memory goes with this call
     sums = _HeadSums()  # the heads' gradients in closed form, summed over steps before they reach d_model
 
     def add(atoms: list[int], grad: Tensor) -> None:
@@ -53,9 +57,7 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
 
     for step in range(1, steps + 1):
         alpha = step / steps
-        if step == steps and patcher.clean_grads is not None and patcher.clean_fn is fn:
-            grads = patcher.clean_grads if grads is None else grads.add_(patcher.clean_grads)
-            patcher.clean_grads = None  # used once: its memory goes with this call
+        if step == steps and clean:
             continue
         for atoms, grad in _reader_grads(patcher, fn, alpha, interpolate, sums):
             add(atoms, grad)
