@@ -133,8 +133,8 @@ class HeadInputs:
         centred = a.norm_kind.startswith("layernorm")
         folded = torch.cat([self._fold(layer, kind, g.dtype, centred)[heads] for kind, heads in parts])  # [n, d_model, d_head]
         out = torch.einsum("bpne,nde->nbpd", g, folded)  # [n, batch, pos, d_model]
-        if len(xhat) == 1:
-            return out.sub_(xhat * along[0].permute(2, 0, 1)[..., None])
+        if len(xhat) == 1:  # in place, no [n, batch, pos, d_model] temporary
+            return out.addcmul_(xhat, along[0].permute(2, 0, 1)[..., None], value=-1)
         return out.sub_(torch.einsum("tbpn,tbpd->nbpd", along, xhat))
 
     def _offset(self, layer: int, kind: str, dtype: torch.dtype) -> Tensor:
