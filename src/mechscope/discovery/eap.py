@@ -43,10 +43,10 @@ def edge_attribution(patcher: EdgePatcher, fn: Metric, *, steps: int = 1, interp
     wide = torch.promote_types(patcher.model.dtype, torch.float32)
     grads = None  # [atom, batch*pos*d]: the gradients summed over steps, then one product with the differences
     clean = patcher.clean_grads is not None and patcher.clean_fn is fn
-    if not clean:
-        _check_gradient_memory(patcher)
     if clean:  # the last point's gradients: the other steps add into them (no second buffer of that size)
         grads, patcher.clean_grads = patcher.clean_grads, None  # used once: its memory goes with this call
+    else:
+        _check_gradient_memory(patcher)
     sums = _HeadSums()  # the heads' gradients in closed form, summed over steps before they reach d_model
 
     def add(atoms: list[int], grad: Tensor) -> None:

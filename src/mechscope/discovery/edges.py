@@ -238,7 +238,9 @@ class EdgePatcher:
 
     def reference(self, mask: Tensor) -> Reference:
         """Run the edge mask [n_edges] (1 = ablated) once and keep each layer's input and every
-        writer's difference, for `run(..., reference=)`."""
+        writer's difference, for `run(..., reference=)` (as much memory again as `delta`)."""
+        if mask.shape != (self.graph.n_edges,):
+            raise InputError(f"a reference's edge mask must be [{self.graph.n_edges}], not {tuple(mask.shape)}")
         with torch.no_grad():
             return self._run(mask.bool()[None], keep=True)
 
