@@ -218,10 +218,11 @@ def _through_head_inputs(patcher, layer, parts, x, grads, values, sums=None, ato
     per_kind = [(kind, hs, grads[(kind, layer)][:, :, hs]) for kind, hs in per_kind]  # (kind, heads, [batch, pos, n_kind, d_head])
     terms = patcher.heads.input_grad_terms(layer, per_kind, x, [values[(kind, layer)][:, :, hs] for kind, hs, _ in per_kind])
     if terms is not None:
+        heads = [(kind, hs) for kind, hs, _ in per_kind]
         if sums is not None:
-            sums.add(layer, atoms, [(kind, hs) for kind, hs, _ in per_kind], terms)
+            sums.add(layer, atoms, heads, terms)
             return None
-        return patcher.heads.input_grad_from(layer, [(kind, hs) for kind, hs, _ in per_kind], *terms).to(x.dtype)
+        return patcher.heads.input_grad_from(layer, heads, *terms).to(x.dtype)
     n = sum(len(hs) for _, hs, _ in per_kind)
     with torch.enable_grad():
         xs = x.detach()[:, :, None, :].expand(*x.shape[:2], n, x.shape[-1]).clone().requires_grad_(True)
