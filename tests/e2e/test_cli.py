@@ -197,6 +197,10 @@ def test_othello_commands_write_their_json(tmp_path):
     assert again.exit_code == 1 and "--overwrite" in again.output
     bad = runner.invoke(app, ["othello", "train", "--games", str(tmp_path / "g" / "games.json"), "--out", str(tmp_path / "t")])
     assert bad.exit_code == 1 and "does not hold 6x6 games" in " ".join(bad.output.split())
+    bad = runner.invoke(app, ["othello", "train", "--games", str(tmp_path / "g" / "games.npy"), "--precision", "fp16",
+                              "--out", str(tmp_path / "t")])
+    assert bad.exit_code == 1 and "--precision fp16 is not one of fp32, bf16" in " ".join(bad.output.split())
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,6 +3,7 @@ written here (lists of lists, no bit tricks) on hundreds of random games (800 on
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_othello
 from mechscope.organisms.othello import Games, legal, random_games, replay, squares, start, token_of
@@ -151,6 +152,55 @@ def test_a_few_steps_of_training_lower_the_loss_and_resume(tmp_path):
     again = train(games, tmp_path, config=config, steps=200, batch_size=32, save_every=100)  # nothing left to do
     for a, b in zip(model.parameters(), again.parameters()):
         assert a.equal(b)
+
+
+def test_bf16_autocast_and_a_compiled_model_give_the_training_loss(tmp_path):
+    """The GPU recipe's two switches: a compiled model's loss is the eager one (same weights, float32,
+    up to fused-kernel rounding), bf16 autocast's is within bf16's rounding of it, and training under
+    both still saves float32 weights that plain `transformers` loads."""
+    from torch._dynamo.utils import counters
+    from transformers import GPT2LMHeadModel
+
+    from mechscope.organisms.othello.train import _step_loss, model_config, train
+
+    games = random_games(64, seed=8)
+    batch = torch.from_numpy(games.tokens[:16].astype(np.int64))  # [batch, moves]
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(model_config(6, d_model=32, n_layers=1, n_heads=4))
+    eager = _step_loss(model, "cpu", "fp32", False)(batch)
+    counters.clear()
+    compiled = _step_loss(model, "cpu", "fp32", True)(batch)
+    assert counters["stats"]["unique_graphs"] > 0  # torch.compile traced it
+    bf16 = _step_loss(model, "cpu", "bf16", False)(batch)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert compiled.grad_fn is not None  # it trains: the gradient flows through the compiled graph
+    assert abs(bf16.item() - eager.item()) < 0.02 * eager.item()  # bf16 keeps 8 bits of mantissa
+    assert bf16.item() != eager.item()  # autocast was on
+    with pytest.raises(ValueError, match="precision"):
+        train(games, tmp_path / "bad", steps=1, precision="fp16")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    train(games, tmp_path / "m", config=model_config(6, d_model=32, n_layers=1, n_heads=4), steps=3, batch_size=8,
+          precision="bf16", save_every=3)
+    assert GPT2LMHeadModel.from_pretrained(tmp_path / "m").transformer.wte.weight.dtype == torch.float32
+
+
+def test_an_8x8_model_trains_probes_and_intervenes(tmp_path):
+    """The 8x8 board through the whole chain (no 8x8 model ships; `--size 8 --model DIR` takes a trained one):
+    60 tokens, 64 squares' probes, edits whose legal sets come from the 8x8 engine."""
+    from mechscope.models.hooked import HookedModel
+    from mechscope.organisms.othello.probe import intervene, probe_layers
+    from mechscope.organisms.othello.train import evaluate, model_config, train
+
+    games = random_games(80, size=8, seed=9)
+    assert games.tokens.shape[1] == 60 and games.tokens.max() <= 60
+    hf = train(games, tmp_path, config=model_config(8, d_model=32, n_layers=2, n_heads=4), steps=20, batch_size=16,
+               lr=3e-3, warmup=5, save_every=20)
+    assert hf.config.vocab_size == 61 and 0 <= evaluate(hf, games)["top1_legal"] <= 1
+    model = HookedModel(hf, tokenizer=None)
+    out, probes, acts = probe_layers(model, games)
+    assert out["size"] == 8 and len(out["mine_theirs_per_square"][0]) == 64
+    edits = intervene(model, random_games(20, size=8, seed=10), probes, games, acts, start=1, n=5, keep=1)
+    assert edits["n_cases"] == 5 and edits["size"] == 8 and len(edits["examples"][0]["board"]) == 64
 
 
 def test_probes_and_interventions_run_on_a_tiny_model():

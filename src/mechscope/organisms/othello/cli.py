@@ -92,6 +92,8 @@ def games(n: Annotated[int, typer.Option(help="How many distinct games.")] = 100
 def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy from `othello games`.")],
           size: Size = 6, steps: int = 16_000, batch_size: int = 512, lr: float = 1e-3, d_model: int = 128,
           layers: int = 8, heads: int = 8, seed: int = 0, device: DeviceOpt = "cpu",
+          precision: Annotated[str, typer.Option(help="fp32, or bf16 autocast (for a GPU).")] = "fp32",
+          compile: Annotated[bool, typer.Option(help="torch.compile the model (fuses its small kernels).")] = False,
           out: OutDir = Path("othello-model")) -> None:
     """Train an Othello-GPT (resumes from OUT's last checkpoint): OUT/config.json, model.safetensors,
     curve.json."""
@@ -100,9 +102,11 @@ def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy fr
     from mechscope.cli import _clear_errors, console
     from mechscope.errors import InputError
     from mechscope.organisms.othello import Games
-    from mechscope.organisms.othello.train import model_config, train as run
+    from mechscope.organisms.othello.train import PRECISIONS, model_config, train as run
 
     with _clear_errors():
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
         if not games_file.is_file():
             raise InputError(f"--games {games_file} is not a file; make one with `mechscope othello games`")
         try:
@@ -116,7 +120,7 @@ def train(games_file: Annotated[Path, typer.Option("--games", help="games.npy fr
         _check_device(device)
         config = model_config(size, d_model=d_model, n_layers=layers, n_heads=heads)
         run(Games(tokens, size), out, config=config, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, progress=True, log=console.print)
+            device=device, precision=precision, compile=compile, progress=True, log=console.print)
     console.print(f"trained to step {steps}: {out}")
 
 

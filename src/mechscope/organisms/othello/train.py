@@ -7,6 +7,9 @@
 3. The loop: AdamW, linear warm-up then cosine decay, seeded batches drawn from the games; a
    checkpoint (weights, optimizer, step, random state) every `save_every` steps into `out`, and
    `train(..., resume=True)` continues from the last one; the loss curve goes to `curve.json`.
+   On a GPU, `precision="bf16"` runs the forward and backward under bf16 autocast (the weights and
+   AdamW's state stay float32) and `compile=True` compiles the model with torch.compile: a model
+   this small is bound by its many small kernels, which compiling fuses (`benchmarks/othello_train.py`).
 4. Evaluation (`evaluate`): on held-out games, the share of positions whose top-1 prediction is a
    legal move, and the legal-set error (of the model's top-k moves, k = the number of legal moves,
    the share that are not legal), as Li et al. report them.
@@ -47,17 +50,20 @@ def loss_on(model, tokens: Tensor) -> Tensor:
 
 def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, batch_size: int = 512,
           lr: float = 1e-3, warmup: int = 500, weight_decay: float = 0.01, seed: int = 0, device: str = "cpu",
-          save_every: int = 1000, resume: bool = True, progress: bool = False,
-          log: Callable[[str], None] = lambda text: None):
+          save_every: int = 1000, resume: bool = True, progress: bool = False, precision: str = "fp32",
+          compile: bool = False, log: Callable[[str], None] = lambda text: None):
     """Train (or resume) an Othello-GPT on `games`; returns the model (in `out`: `config.json`,
     `model.safetensors`, `state.pt` for resuming, `curve.json`)."""
     from transformers import GPT2LMHeadModel
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision is one of {PRECISIONS}, not {precision!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = config or model_config(games.size)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).to(device)
+    step_loss = _step_loss(model, device, precision, compile)
     fused = torch.device(device).type == "cuda"  # one kernel per step instead of one per tensor
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), fused=fused)
     curve: list[dict] = []
@@ -84,7 +90,7 @@ def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, ba
         for group in opt.param_groups:
             group["lr"] = lr * rate(step)
         batch = data[rng.integers(0, len(data), batch_size)].to(device)
-        loss = loss_on(model, batch)
+        loss = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -100,6 +106,22 @@ def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, ba
     bar(None, None)
     model.eval()
     return model
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _step_loss(model, device: str, precision: str, compile: bool) -> Callable[[Tensor], Tensor]:
+    """The training loss of a batch, under bf16 autocast and through a compiled model if asked (the
+    uncompiled `model` keeps the weights, so checkpoints are saved from it unchanged)."""
+    forward = torch.compile(model) if compile else model
+    kind = torch.device(device).type
+
+    def step_loss(batch: Tensor) -> Tensor:
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return loss_on(forward, batch)
+
+    return step_loss
 
 
 def _save(model, opt, step: int, curve: list, out: Path) -> None:
