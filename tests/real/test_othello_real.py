@@ -15,14 +15,15 @@ pytestmark = [pytest.mark.real, pytest.mark.usefixtures("no_grad")]
 def test_the_shipped_model_reads_and_writes_its_board():
     model = load(6)
     assert evaluate(model.hf, random_games(500, seed=777))["top1_legal"] >= 0.99
-    games = random_games(300, seed=1001)  # a tenth of the CLI's default: accuracies within about 0.015
+    games = random_games(300, seed=1001)  # a tenth of the CLI's default: accuracies within about 0.003
     out, probes, acts = probe_layers(model, games)
     best = out["layers"].index(out["best_layer"])
-    # measured with 3000 games: mine/theirs 0.938 at layer 5, black/white 0.763, random init 0.700
-    assert out["mine_theirs"][best] >= 0.9
-    assert out["mine_theirs"][best] >= out["black_white"][best] + 0.1
-    assert out["mine_theirs"][best] >= out["random_init_control"][best] + 0.1
+    # measured here: mine/theirs 0.953 at layer 5 (0.955 with 1000 games, 0.952 with the CLI's 3000),
+    # black/white 0.747, random init 0.705: the 95%
+    assert out["mine_theirs"][best] >= 0.95
+    assert out["mine_theirs"][best] >= out["black_white"][best] + 0.15
+    assert out["mine_theirs"][best] >= out["random_init_control"][best] + 0.15
     edits = intervene(model, random_games(300, seed=1002), probes, games, acts, start=4, n=100)
-    # measured on 200 positions: 67% of edits give exactly the edited board's legal moves; 23% without
-    # an edit, 20% with a random direction
-    assert edits["intervention_success"] >= max(edits["none_success"], edits["random_success"]) + 0.2
+    # measured here on these 100 positions: 77% of edits give exactly the edited board's legal moves; 14%
+    # without an edit, 13% with a random direction (76.5%, 23.5% and 21.0% on the CLI's 200)
+    assert edits["intervention_success"] >= max(edits["none_success"], edits["random_success"]) + 0.4
