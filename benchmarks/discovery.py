@@ -15,6 +15,8 @@ summed over positions they are ours).
 `--model llama-1b-shape` times EAP and EAP-IG on a model of Llama-3.2-1B's shape (2048 wide, 16
 layers, 32 query and 8 key/value heads; SmolLM2's vocabulary) with random weights: where memory
 becomes the limit (no curves: its circuits mean nothing). Run it with `--skip acdc tl`.
+`--model smollm2-shape` is SmolLM2-135M's shape with random weights, for a machine without the zoo
+(a GPU's; `--tokenizer DIR` gives the tokenizer files).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 
 METHODS = ("eap", "eap-ig", "acdc")
 SHAPES = {"llama-1b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True)}
+                                 num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+          "smollm2-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)}
 
 
 def setup(args):
@@ -40,10 +44,15 @@ def setup(args):
     if args.model in SHAPES:  # random weights, SmolLM2's tokenizer (and so its IOI names)
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        smol = load_model("smollm2-135m")
+        if args.tokenizer:  # a folder with SmolLM2's tokenizer files: where the zoo's weights cannot go
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:
+            tokenizer = load_model("smollm2-135m").tokenizer
         torch.manual_seed(args.seed)
-        hf = LlamaForCausalLM(LlamaConfig(vocab_size=smol.cfg.d_vocab, **SHAPES[args.model])).eval().to(args.device)
-        model = HookedModel(hf, smol.tokenizer)
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SHAPES[args.model])).eval().to(args.device)
+        model = HookedModel(hf, tokenizer)
     else:
         model = load_model(args.model, device=args.device)
     batch = ContrastiveBatch.from_records(model, ioi(args.n, seed=args.seed, model=model))
@@ -165,6 +174,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=24, help="IOI prompts (every template: mixed lengths)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tokenizer", help="with a --model shape: SmolLM2's tokenizer from this folder, not the zoo")
     p.add_argument("--acdc-top", type=int, default=2000)
     p.add_argument("--threshold", type=float, default=0.02, help="ACDC's threshold on the logit difference")
     p.add_argument("--tl-n", type=int, default=8, help="prompts for the TransformerLens comparison")
