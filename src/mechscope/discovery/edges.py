@@ -133,13 +133,20 @@ class EdgePatcher:
         """Every writer's output on `tokens`, [writer, batch, pos, d_model], and what the readers
         outside attention read: {"final": the final norm's input, ("mlp", l): MLP l's norm's input},
         each [batch, pos, d_model]."""
-        store: dict[str, Tensor] = {}
+        rows: dict[str, list[tuple[int, int | None]]] = {}  # hook -> (writer row, head or None)
+        for i, w in enumerate(self.graph.writers):
+            name = ("blocks.0.hook_resid_pre" if w.kind == "input" else f"blocks.{w.layer}.attn.hook_result"
+                    if w.kind == "head" else f"blocks.{w.layer}.hook_mlp_out")
+            rows.setdefault(name, []).append((i, w.head if w.kind == "head" else None))
+        b, p = tokens.shape
+        out = torch.empty(len(self.graph.writers), b, p, self.model.cfg.d_model, dtype=self.model.dtype,
+                          device=self.model.device)  # [writer, batch, pos, d_model]
 
-        def keep(act, hook):
-            store[hook.name] = act
+        def keep(act, hook):  # each writer's output goes to its row at once: no layer's per-head result is kept
+            with torch.no_grad():
+                for i, head in rows[hook.name]:
+                    out[i].copy_(act if head is None else act[:, :, head])
 
-        names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{s}" for l in self._writer_layers()
-                                               for s in ("attn.hook_result", "hook_mlp_out")]
         a = self.model.adapter
         seen = {}
 
@@ -152,22 +159,14 @@ class EdgePatcher:
             handles.append(a.reader(l, mlp=True).register_forward_pre_hook(  # (OPT's is flattened: unflatten it)
                 lambda m, args, l=l: seen.__setitem__(("mlp", l), args[0].view(len(tokens), -1, args[0].shape[-1]))))
         try:
-            with self.model.hooks(fwd_hooks=[(n, keep) for n in names]):
+            with self.model.hooks(fwd_hooks=[(n, keep) for n in rows]):
                 self.model.hf(input_ids=tokens, use_cache=False)
         except _Stop:
             pass
         finally:
             for h in handles:
                 h.remove()
-        out = []
-        for w in self.graph.writers:
-            if w.kind == "input":
-                out.append(store["blocks.0.hook_resid_pre"])
-            elif w.kind == "head":
-                out.append(store[f"blocks.{w.layer}.attn.hook_result"][:, :, w.head])
-            else:
-                out.append(store[f"blocks.{w.layer}.hook_mlp_out"])
-        return torch.stack(out), seen
+        return out, seen
 
     def _bases(self, clean_inputs: dict) -> dict[int, Tensor]:
         """{reader stage: its input with every edge into it ablated}, [batch, pos, d_model]."""
