@@ -268,9 +268,10 @@ def discover_command(
                                                        "by at most this.")] = None,
     ablation: Annotated[str, typer.Option(help="corrupt, mean or zero: what an ablated edge carries.")] = "corrupt",
     metric: MetricName = "logit_diff",
-    select: Annotated[str, typer.Option(help="How circuits are ranked: abs (largest |score| first, as the EAP-IG "
-                                        "paper) or signed (the edges whose removal moves the metric furthest toward "
-                                        "the ablated run first; smaller faithful circuits).")] = "abs",
+    select: Annotated[str, typer.Option(help="How circuits are ranked: signed (the edges whose removal moves the "
+                                        "metric furthest toward the ablated run first; smaller faithful circuits), abs "
+                                        "(largest |score| first, as the EAP-IG paper) or auto: signed for every "
+                                        "method but eap, whose signed ranking fails.")] = "auto",
     eval_prompts: Annotated[Optional[Path], typer.Option(help="JSONL of fresh prompts to evaluate the circuit on "
                                                          "(default with --task: as many fresh prompts).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the files of an earlier run in OUT.")] = False,
@@ -296,8 +297,8 @@ def discover_command(
         _check_prompt_source(prompts, task, n)
         if steps < 1:
             raise InputError(f"--steps must be 1 or more, not {steps}")
-        if select not in ("abs", "signed"):
-            raise InputError(f"--select must be abs or signed, not {select!r}")
+        if select not in ("auto", "abs", "signed"):
+            raise InputError(f"--select must be auto, abs or signed, not {select!r}")
         if edges is not None and edges < 1:
             raise InputError(f"--edges must be 1 or more, not {edges}")
         if method == "acdc" and (threshold is None or not threshold >= 0):
@@ -316,7 +317,7 @@ def discover_command(
         with _cluster(model, workers, ray_address, device, dtype) as cluster:
             record, scores = run_discovery(m, batch, method=method, steps=steps, threshold=threshold, edges=edges,
                                            ablation=ablation, metric=metric, eval_batch=eval_batch,
-                                           signed=select == "signed", progress=True,
+                                           signed=None if select == "auto" else select == "signed", progress=True,
                                            log=lambda text: console.print(f"[dim]{text}[/dim]"), cluster=cluster)
         write_folder(out, {files[0]: write_json(record, indent=1), files[1]: scores.to_json(), files[2]: render(record)})
     fe = record["faithfulness_eval"]

@@ -233,15 +233,21 @@ def test_discover_writes_json_scores_and_report(ioi_model_dir, tmp_path):
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
     done = runner.invoke(app, args)  # never over an earlier run unless asked
     assert done.exit_code == 1 and "already exists" in done.output
-    done = runner.invoke(app, args[:-2] + ["--edges", "5", "--out", str(tmp_path / "five")])
+    assert data["selection"] == "signed"  # --select auto: signed for EAP-IG
+    done = runner.invoke(app, args[:-2] + ["--edges", "5", "--select", "abs", "--out", str(tmp_path / "five")])
     assert done.exit_code == 0, done.output
     five = json.loads((tmp_path / "five" / "discover.json").read_text())
     assert five["n_circuit_edges"] <= 5 and five["selection"] == "abs"
-    done = runner.invoke(app, args[:-2] + ["--edges", "5", "--select", "signed", "--out", str(tmp_path / "signed")])
+    by_size = sorted(scores["labels"]["edge"], key=lambda e: -abs(scores["values"][scores["labels"]["edge"].index(e)]))
+    assert set(five["circuit"]) <= set(by_size[:5])
+    done = runner.invoke(app, args[:-2] + ["--edges", "5", "--out", str(tmp_path / "signed")])
     assert done.exit_code == 0, done.output
     signed = json.loads((tmp_path / "signed" / "discover.json").read_text())
     ranked = sorted(scores["labels"]["edge"], key=lambda e: scores["values"][scores["labels"]["edge"].index(e)])
     assert signed["selection"] == "signed" and set(signed["circuit"]) <= set(ranked[:5])  # the most negative effects
+    done = runner.invoke(app, args[:-2] + ["--method", "eap", "--edges", "5", "--out", str(tmp_path / "eap")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "eap" / "discover.json").read_text())["selection"] == "abs"  # auto: |score| for EAP
 
 
 def test_discover_never_writes_over_its_prompts(ioi_model_dir, tmp_path):
@@ -259,7 +265,7 @@ def test_discover_never_writes_over_its_prompts(ioi_model_dir, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--method", "acdc"], "needs --threshold"), (["--method", "magic"], "--method must be one of"),
     (["--ablation", "noise"], "unknown ablation"), (["--steps", "0"], "--steps must be"),
-    (["--edges", "0"], "--edges must be"), (["--n", "0"], "--n must be"), (["--select", "max"], "--select must be"),
+    (["--edges", "0"], "--edges must be"), (["--n", "0"], "--n must be"), (["--select", "max"], "--select must be auto, abs or signed"),
 ])
 def test_discover_refuses_bad_options_before_loading(tmp_path, extra, message):
     done = runner.invoke(app, ["discover", "--model", "never-loaded", "--task", "ioi", "--out", str(tmp_path / "o"), *extra])
