@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mechscope.organisms.othello import random_games
-from mechscope.organisms.othello.train import _step_loss, model_config
+from mechscope.organisms.othello.train import _optimizer, _step_loss, _update, model_config
 
 
 def run(args, precision: str, compile: bool) -> dict:
@@ -31,7 +31,7 @@ def run(args, precision: str, compile: bool) -> dict:
     config = model_config(args.size, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config).to(args.device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=args.device.startswith("cuda"))
+    opt = _optimizer(model, 1e-3, 0.01, args.device)  # train()'s AdamW, as its defaults set it
     step_loss = _step_loss(model, args.device, precision, compile)
     data = torch.from_numpy(random_games(4 * args.batch, size=args.size, seed=1).tokens.astype(np.int64))
     rng = np.random.default_rng(0)
@@ -39,11 +39,7 @@ def run(args, precision: str, compile: bool) -> dict:
 
     def step():
         batch = data[rng.integers(0, len(data), args.batch)].to(args.device)  # [batch, moves]
-        loss = step_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _update(model, opt, step_loss(batch))
 
     start = time.perf_counter()
     for _ in range(args.warmup):

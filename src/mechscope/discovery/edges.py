@@ -207,9 +207,6 @@ class EdgePatcher:
                              f"times over), and {have / 2**30:.1f} GiB is available: use fewer or shorter prompts, or a "
                              "graph of fewer writers (Graph.from_model(model, layers=...))")
 
-    def _writer_layers(self) -> list[int]:
-        return sorted({w.layer for w in self.graph.writers if w.kind != "input"})
-
     # ---- masks ----------------------------------------------------------------------------------
     def atom_mask(self, masks: Tensor) -> Tensor:
         """Edge masks [k, n_edges] -> [k, writer, atom] (in the model's dtype; gradients pass)."""

@@ -64,8 +64,7 @@ def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, ba
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config).to(device)
     step_loss = _step_loss(model, device, precision, compile)
-    fused = torch.device(device).type == "cuda"  # one kernel per step instead of one per tensor
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), fused=fused)
+    opt = _optimizer(model, lr, weight_decay, device)
     curve: list[dict] = []
     step = 0
     state_file = out / "state.pt"
@@ -91,10 +90,7 @@ def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, ba
             group["lr"] = lr * rate(step)
         batch = data[rng.integers(0, len(data), batch_size)].to(device)
         loss = step_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _update(model, opt, loss)
         step += 1
         window.append(loss.detach())  # read every 100 steps: a read per step would wait for the device
         if step % 100 == 0 or step == steps:
@@ -109,6 +105,19 @@ def train(games: Games, out: str | Path, *, config=None, steps: int = 20_000, ba
 
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def _optimizer(model, lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:
+    fused = torch.device(device).type == "cuda"  # one kernel per step instead of one per tensor
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), fused=fused)
+
+
+def _update(model, opt, loss: Tensor) -> None:
+    """One training step on `loss`: its gradients, clipped to norm 1, then AdamW."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 
 
 def _step_loss(model, device: str, precision: str, compile: bool) -> Callable[[Tensor], Tensor]:
